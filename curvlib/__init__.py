@@ -1,0 +1,16 @@
+"""curvlib: second-order curvature for PyTorch.
+
+Exact partitioned derivative tensors (Wolinski, arXiv 2312.03885), the Kronecker-factored family
+(K-FAC, EKFAC, TKFAC, TEKFAC), exact references (Hessian, GGN) and diagonal baselines, all behind
+one interface, :class:`CurvatureEstimate`, consumed by :mod:`curvlib.optim` and
+:mod:`curvlib.diagnostics`.
+"""
+
+from curvlib.estimate import CurvatureEstimate
+from curvlib.partition import Partition
+
+__all__ = [
+    "CurvatureEstimate",
+    "Partition",
+]
+__version__ = "0.1.0"
