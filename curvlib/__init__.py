@@ -7,10 +7,13 @@ one interface, :class:`CurvatureEstimate`, consumed by :mod:`curvlib.optim` and
 """
 
 from curvlib.estimate import CurvatureEstimate
+from curvlib.exact import ExactGGN, ExactHessian
 from curvlib.partition import Partition
 
 __all__ = [
     "CurvatureEstimate",
+    "ExactGGN",
+    "ExactHessian",
     "Partition",
 ]
 __version__ = "0.1.0"

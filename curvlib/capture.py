@@ -1,0 +1,247 @@
+"""Capture of layer inputs and output gradients with module hooks, scoped to one use.
+
+Every supported layer is read as one linear map applied at T ≥ 1 shared positions
+(kfac_family.md §1.1): z_{n,t} = W ā_{n,t}, with W = ``weight.view(d_out, -1)``. This module turns
+what hooks see into that form:
+
+* :func:`layer_inputs` gives the rows a_{n,t} ∈ ℝ^{d_in} as an [N, T, d_in] tensor: the input
+  itself for ``nn.Linear`` (every leading axis after the first is a shared position), the unfolded
+  receptive-field patches for ``nn.Conv1d/Conv2d`` in (C_in, k...) order so that they multiply
+  ``weight.view(C_out, -1)``, honouring stride, padding (also ``"same"``) and dilation;
+* :func:`output_rows` reshapes a gradient w.r.t. the layer output to [..., N, T, d_out].
+
+Then Σ_t g_{n,t} a_{n,t}ᵀ is example n's weight gradient (and Σ_t g_{n,t} its bias gradient).
+
+:class:`LayerCapture` is a context manager that installs forward hooks on the given modules,
+records every call (a module called twice contributes two calls: weight sharing) and removes the
+hooks on exit, so no state leaks into the model. The output tensors are kept attached so that
+gradients w.r.t. them can be taken with ``torch.autograd.grad`` — batched over several
+backpropagated vectors at once — and, optionally, tensor hooks record the gradients that flow
+through them during an ordinary ``loss.backward()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def check_layer(name: str, module: nn.Module) -> None:
+    """Raise a ValueError if ``module`` is not a layer the Kronecker rules cover."""
+    if not isinstance(module, SUPPORTED_LAYERS):
+        raise ValueError(
+            f"Module {name!r} ({type(module).__name__}) has parameters but is not supported; "
+            "supported layers are nn.Linear, nn.Conv1d and nn.Conv2d."
+        )
+    if isinstance(module, nn.Conv1d | nn.Conv2d):
+        if module.groups != 1:
+            raise ValueError(
+                f"Module {name!r}: convolutions with groups={module.groups} > 1 are not supported "
+                "(one Kronecker product cannot represent a grouped convolution's block)."
+            )
+        if module.padding_mode != "zeros":
+            raise ValueError(
+                f"Module {name!r}: padding_mode={module.padding_mode!r} is not supported "
+                "(only zero padding)."
+            )
+
+
+def supported_layers(
+    model: nn.Module, include: Iterable[nn.Module] | None = None
+) -> dict[str, nn.Module]:
+    """The named layers an estimate covers, in the model's order.
+
+    Without ``include`` every module that directly owns trainable parameters must be a supported
+    layer; otherwise a ValueError names the first one that is not. With ``include``, exactly those
+    modules are used (each must be supported and in the model).
+    """
+    wanted = None if include is None else {id(m) for m in include}
+    layers: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        owns = any(p.requires_grad for p in module.parameters(recurse=False))
+        if wanted is not None:
+            if id(module) not in wanted:
+                continue
+        elif not owns:
+            continue
+        check_layer(name or type(module).__name__, module)
+        layers[name or type(module).__name__] = module
+    if wanted is not None and len(layers) != len(wanted):
+        raise ValueError("Some of the modules passed to include are not part of the model.")
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no supported layer with parameters.")
+    return layers
+
+
+def _conv_padding(module: nn.Conv1d | nn.Conv2d, spatial: int) -> list[tuple[int, int]]:
+    """(left, right) zero padding per spatial axis, resolving 'same' and 'valid'."""
+    if module.padding == "valid":
+        return [(0, 0)] * spatial
+    if module.padding == "same":
+        pads = []
+        for k, d in zip(module.kernel_size, module.dilation):
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+        return pads
+    return [(int(p), int(p)) for p in module.padding]
+
+
+def layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
+    """The rows a_{n,t} of a layer input as an [N, T, d_in] tensor (no bias coordinate)."""
+    if isinstance(module, nn.Linear):
+        if x.dim() < 2:
+            raise ValueError(f"nn.Linear input of shape {tuple(x.shape)} has no batch axis.")
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+    if isinstance(module, nn.Conv1d | nn.Conv2d):
+        spatial = 1 if isinstance(module, nn.Conv1d) else 2
+        if x.dim() != spatial + 2:
+            raise ValueError(
+                f"{type(module).__name__} input of shape {tuple(x.shape)} is not batched "
+                f"([N, C, {'L' if spatial == 1 else 'H, W'}] expected)."
+            )
+        pads = _conv_padding(module, spatial)
+        flat_pad = [p for pair in reversed(pads) for p in pair]
+        if any(flat_pad):
+            x = F.pad(x, flat_pad)
+        if spatial == 1:  # a length-L signal is an image of height 1
+            x = x.unsqueeze(2)
+            kernel, stride, dilation = (1, *module.kernel_size), (1, *module.stride), (
+                1, *module.dilation)
+        else:
+            kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+        patches = F.unfold(x, kernel_size=kernel, dilation=dilation, stride=stride)
+        return patches.transpose(1, 2)
+    raise ValueError(f"{type(module).__name__} is not a supported layer.")
+
+
+def output_rows(module: nn.Module, grad: Tensor, batch_axes: int = 0) -> Tensor:
+    """A gradient w.r.t. a layer output, [*B, *out.shape], as [*B, N, T, d_out] rows.
+
+    ``batch_axes`` leading axes (e.g. the K backpropagated vectors) are kept as they are.
+    """
+    lead = grad.shape[:batch_axes]
+    out = grad.shape[batch_axes:]
+    if isinstance(module, nn.Linear):
+        return grad.reshape(*lead, out[0], -1, out[-1])
+    # convolutions: [N, C_out, *spatial] → [N, T, C_out]
+    return grad.reshape(*lead, out[0], out[1], -1).transpose(-1, -2)
+
+
+@dataclass
+class LayerCall:
+    """One call of a captured layer: its input, its (attached) output, the output's gradient."""
+
+    input: Tensor
+    output: Tensor
+    output_version: int
+    grad_output: Tensor | None = None
+
+    def check_unmodified(self, name: str) -> None:
+        if self.output._version != self.output_version:
+            raise ValueError(
+                f"The output of module {name!r} was modified in place after the layer ran "
+                "(e.g. by an activation with inplace=True); its gradient cannot be recovered. "
+                "Use inplace=False."
+            )
+
+
+@dataclass
+class LayerCapture:
+    """Context manager recording every call of the given layers during forward passes.
+
+    Args:
+        layers: the named modules to watch.
+        record_grad_outputs: also record, with tensor hooks, the gradient w.r.t. each output
+            that flows during a backward pass (used to reuse the training backward).
+    """
+
+    layers: Mapping[str, nn.Module]
+    record_grad_outputs: bool = False
+    calls: dict[str, list[LayerCall]] = field(default_factory=dict)
+    _handles: list[RemovableHandle] = field(default_factory=list)
+
+    def __enter__(self) -> LayerCapture:
+        self.calls = {name: [] for name in self.layers}
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _make_hook(self, name: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
+        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            if not torch.is_grad_enabled():
+                return
+            call = LayerCall(args[0].detach(), output, output._version)
+            self.calls[name].append(call)
+            if self.record_grad_outputs and output.requires_grad:
+                def store(grad: Tensor, call: LayerCall = call) -> None:
+                    call.grad_output = grad.detach()
+                self._handles.append(output.register_hook(store))
+
+        return hook
+
+    def clear(self) -> None:
+        """Forget the recorded calls (the hooks stay installed)."""
+        self.calls = {name: [] for name in self.layers}
+
+    def outputs(self) -> list[tuple[str, LayerCall]]:
+        """Every recorded call, layer by layer, after checking none was modified in place."""
+        items = []
+        for name, calls in self.calls.items():
+            for call in calls:
+                call.check_unmodified(name)
+                items.append((name, call))
+        return items
+
+    def grad_outputs(
+        self, model_output: Tensor, vectors: Tensor, batched: bool = True
+    ) -> dict[str, list[Tensor]]:
+        """Backpropagate K vectors from ``model_output`` to every recorded layer output.
+
+        Args:
+            model_output: the model output the layers fed.
+            vectors: [K, *model_output.shape] vectors to backpropagate.
+            batched: one vmapped backward for all K vectors (``is_grads_batched``); otherwise K
+                backward passes.
+
+        Returns:
+            For each layer, one [K, *output.shape] gradient per recorded call. A call whose
+            output does not influence ``model_output`` gets zeros.
+        """
+        items = self.outputs()
+        targets = [call.output for _, call in items]
+        if batched:
+            grads = torch.autograd.grad(
+                model_output, targets, grad_outputs=vectors, retain_graph=True,
+                is_grads_batched=True, allow_unused=True, materialize_grads=True,
+            )
+        else:
+            per_vector = [
+                torch.autograd.grad(
+                    model_output, targets, grad_outputs=v, retain_graph=True,
+                    allow_unused=True, materialize_grads=True,
+                )
+                for v in vectors
+            ]
+            grads = tuple(torch.stack(col) for col in zip(*per_vector))
+        result: dict[str, list[Tensor]] = {name: [] for name in self.calls}
+        for (name, _), grad in zip(items, grads):
+            result[name].append(grad.detach())
+        return result
