@@ -20,7 +20,6 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test,plot,demo,docs]"
 	$(PY) -m pip install -q $(ORACLE_NEEDS)
 	$(PY) -m pip install -q --no-deps $(ORACLES)
-	$(PY) -m ipykernel install --user --name curvlib >/dev/null
 	touch $(STAMP)
 
 demo: $(STAMP)
