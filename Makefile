@@ -26,11 +26,11 @@ demo: $(STAMP)
 	$(PY) -m curvlib demo
 
 test: $(STAMP)
-	$(PY) -m ruff check curvlib tests benchmarks examples
+	$(PY) -m ruff check .
 	$(PY) -m pytest -n 2 tests
 
 lint: $(STAMP)
-	$(PY) -m ruff check curvlib tests benchmarks examples
+	$(PY) -m ruff check .
 
 bench: $(STAMP)
 	$(PY) benchmarks/partitioned.py
