@@ -6,12 +6,20 @@ one interface, :class:`CurvatureEstimate`, consumed by :mod:`curvlib.optim` and
 :mod:`curvlib.diagnostics`.
 """
 
+from curvlib.diagnostics import DiagGGN, DiagHessian
 from curvlib.estimate import CurvatureEstimate
 from curvlib.exact import ExactGGN, ExactHessian
+from curvlib.kron import EKFAC, KFAC, TEKFAC, TKFAC
 from curvlib.partition import Partition
 
 __all__ = [
+    "EKFAC",
+    "KFAC",
+    "TEKFAC",
+    "TKFAC",
     "CurvatureEstimate",
+    "DiagGGN",
+    "DiagHessian",
     "ExactGGN",
     "ExactHessian",
     "Partition",

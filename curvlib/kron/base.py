@@ -1,0 +1,654 @@
+"""The machinery shared by K-FAC, EKFAC, TKFAC and TEKFAC: :class:`KroneckerEstimate`.
+
+Each covered layer (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``) gets one block of a
+block-diagonal estimate. A method supplies its running statistics (:mod:`curvlib.kron.statistics`),
+which define two Kronecker factors and a divisor; :meth:`KroneckerEstimate.refresh`
+eigendecomposes the factors, and every read then applies the block in its eigenbasis, on the
+[W | b] matrix V of the layer (kfac_family.md §1.4, §2.1 step 4):
+
+    C V = U_out [ (U_outᵀ V U_in) ∘ D ] U_inᵀ,
+    (C + λI)⁻¹ V = U_out [ (U_outᵀ V U_in) ⊘ (D + λ) ] U_inᵀ,
+
+with D = s_out s_inᵀ / divisor for K-FAC and TKFAC (the Kronecker eigenvalues) and D the diagonal
+re-fitted in the eigenbasis for EKFAC and TEKFAC (:mod:`curvlib.kron.eigen`). No Kronecker
+product is ever materialised except by :meth:`to_dense`.
+
+**Protocol.** Standalone: ``update(inputs, targets)`` runs one hooked forward and the backward
+the Fisher type needs. Training (one step; the optimizer consumes exactly this)::
+
+    with estimate.record(targets):      # module hooks + a forward hook on the model
+        outputs = model(inputs)         # exactly one forward of the estimate's model
+    # on exit, "type2"/"mc": the extra batched backward runs now (retain_graph, .grad untouched)
+    loss_fn(outputs, targets).backward()   # "empirical": output gradients caught by tensor hooks
+    estimate.flush()                    # folds a pending "empirical" step; every read calls it
+    estimate.refresh()                  # eigendecompositions (+ EKFAC/TEKFAC diagonal reset)
+
+``auto_refresh`` (default True) makes every read refresh when the statistics changed since the
+last refresh; optimizers set it to False and call :meth:`refresh` on their own schedule.
+
+**EKFAC/TEKFAC diagonals** (George et al. 2018, Alg. 1; pitfall P9). The diagonal is a running
+statistic of its own, kept *in the current basis*: every statistics step adds
+c Σ_{n,k} (U_outᵀ U_{n,k} U_in)^{∘2} of its batch (from per-example gradients); :meth:`refresh`
+resets it with the new basis — it is never carried across bases — and refits it:
+
+* from every batch given to :meth:`update` since the parameters last changed, replayed in order
+  (a second forward/backward per batch, MC vectors redrawn from the batch's stored seed, the
+  latest batch served from memory), so that after ``update()`` over a dataset the diagonal is fit
+  in the final basis from exactly the data of the factors and the identities of kfac_family.md §4
+  hold (D = diag(Qᵀ F Q), trace preserved, Frobenius optimality); this keeps the batches (inputs
+  and targets) alive and assumes a deterministic forward (e.g. ``model.eval()``);
+* otherwise (training with :meth:`record`) from the latest step alone, as Algorithm 1 computes the
+  scalings of the current mini-batch in a freshly computed basis.
+
+Until the first statistics step after a refresh has data the diagonal reads as the Kronecker
+eigenvalues (the reset value), i.e. the estimate equals K-FAC/TKFAC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from curvlib.capture import LayerCall, LayerCapture, supported_layers
+from curvlib.estimate import CurvatureEstimate, check_damping
+from curvlib.exact.base import as_args, check_no_training_batchnorm
+from curvlib.kron.collect import LayerData, StepData, backprop_vectors, step_data
+from curvlib.kron.eigen import eigenbasis_squares, eigh_psd
+from curvlib.kron.layout import LayerLayout
+from curvlib.kron.statistics import CurvatureWeights, FactorStatistics, RunningSum
+from curvlib.losses import FisherType, LossFunction, check_finite, check_fisher_type
+from curvlib.partition import Partition, Vector
+
+WeightSharing = Literal["expand", "reduce"]
+DampingMode = Literal["tikhonov", "pi", "symmetric", "trace"]
+
+
+@dataclass
+class Eigenbasis:
+    """The eigendecompositions of one layer's factors at the last refresh."""
+
+    basis_in: Tensor
+    values_in: Tensor
+    basis_out: Tensor
+    values_out: Tensor
+    divisor: Tensor
+
+    def safe_divisor(self) -> Tensor:
+        """The divisor, with 1 in place of 0 (a zero TKFAC δ means a zero block and factors)."""
+        return torch.where(self.divisor > 0, self.divisor, torch.ones_like(self.divisor))
+
+    def kronecker_diagonal(self) -> Tensor:
+        """s_out s_inᵀ / divisor: the block's eigenvalues as a Kronecker product (d_out × d_in')."""
+        return torch.outer(self.values_out, self.values_in) / self.safe_divisor()
+
+    def rotate(self, matrices: Tensor) -> Tensor:
+        """U_outᵀ V U_in for V of shape [K, d_out, d_in']."""
+        return self.basis_out.T @ matrices @ self.basis_in
+
+    def unrotate(self, matrices: Tensor) -> Tensor:
+        """U_out V U_inᵀ."""
+        return self.basis_out @ matrices @ self.basis_in.T
+
+
+@dataclass
+class _Replay:
+    """A batch given to update(), kept to refit the diagonal in a new basis."""
+
+    inputs: Any
+    targets: Any
+    seed: int
+    step: int
+
+
+@dataclass
+class _PendingEmpirical:
+    """A recorded empirical step waiting for the training backward."""
+
+    calls: dict[str, list[LayerCall]]
+    outputs: Tensor
+    targets: Tensor
+    step: int
+    handles: list[RemovableHandle] = field(default_factory=list)
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, tuple | list):
+        return type(value)(_detach(v) for v in value)
+    return value
+
+
+class KroneckerEstimate(CurvatureEstimate):
+    """Block-diagonal Kronecker-factored curvature over the supported layers of a model.
+
+    Args:
+        model: the model; every module that owns trainable parameters must be an ``nn.Linear``,
+            ``nn.Conv1d`` or ``nn.Conv2d`` (groups = 1, zero padding) unless ``include`` is given.
+        loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``, reduction
+            ``"mean"`` or ``"sum"``; the estimate is in the scale of this loss.
+        fisher: ``"type2"`` (exact loss-Hessian square roots: the GGN), ``"mc"`` (``mc_samples``
+            targets drawn from the model) or ``"empirical"`` (gradients at the true targets).
+        mc_samples: samples per example for ``fisher="mc"``.
+        weight_sharing: ``"expand"`` or ``"reduce"`` (Eschenhagen et al. 2023) for layers with
+            shared positions (sequences, convolutions); identical without sharing.
+        ema_decay: None for the exact average over all statistics steps (batch-size weighted),
+            else the decay β ∈ [0, 1) of an exponential moving average.
+        include: the modules to cover (default: every module with trainable parameters, all of
+            which must then be supported).
+        dtype: the dtype of the statistics (default: float32, or float64 for a float64 model);
+            at least float32.
+        seed: seed of the MC target draws (default: drawn from torch's global generator).
+
+    Attributes:
+        partition: :meth:`Partition.by_module` over the covered modules.
+        modules: the covered modules by name (the partition's subset names).
+        auto_refresh: reads refresh the eigendecompositions when the statistics changed since the
+            last :meth:`refresh`.
+    """
+
+    damping_modes: ClassVar[tuple[str, ...]] = ("tikhonov",)
+    refits_diagonal: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        fisher: FisherType = "mc",
+        mc_samples: int = 1,
+        weight_sharing: WeightSharing = "expand",
+        ema_decay: float | None = None,
+        *,
+        include: Sequence[nn.Module] | None = None,
+        dtype: torch.dtype | None = None,
+        seed: int | None = None,
+    ) -> None:
+        name = type(self).__name__
+        check_fisher_type(fisher)
+        if weight_sharing not in ("expand", "reduce"):
+            raise ValueError(
+                f"{name}: weight_sharing must be 'expand' or 'reduce', got {weight_sharing!r}."
+            )
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"{name}: mc_samples must be an integer ≥ 1, got {mc_samples!r}.")
+        if fisher != "mc" and mc_samples != 1:
+            raise ValueError(f"{name}: mc_samples={mc_samples} only applies to fisher='mc'.")
+        if ema_decay is not None and not 0.0 <= float(ema_decay) < 1.0:
+            raise ValueError(f"{name}: ema_decay must be None or in [0, 1), got {ema_decay!r}.")
+        self.model = model
+        self.loss = LossFunction(loss_fn)
+        self.fisher: FisherType = fisher
+        self.mc_samples = mc_samples
+        self.weight_sharing: WeightSharing = weight_sharing
+        self.ema_decay = None if ema_decay is None else float(ema_decay)
+        self.modules: dict[str, nn.Module] = supported_layers(model, include)
+        self.partition = Partition.by_module(model, self.modules.values())
+        self.layouts: dict[str, LayerLayout] = {}
+        for (layer, module), subset, group in zip(
+            self.modules.items(), self.partition.names, self.partition.groups
+        ):
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if subset != layer or len(own) != len(group):
+                raise ValueError(
+                    f"Module {layer!r} shares a parameter with another module; Kronecker "
+                    "estimates need every covered layer to own its weight and bias."
+                )
+            self.layouts[layer] = LayerLayout(layer, module, group)
+        self.dtype = torch.promote_types(self.partition.dtype, torch.float32)
+        if dtype is not None:
+            if not dtype.is_floating_point or torch.finfo(dtype).bits < 32:
+                raise ValueError(f"{name}: statistics need float32 or better, got dtype={dtype}.")
+            self.dtype = dtype
+        self.auto_refresh = True
+        self._weights = CurvatureWeights(self.loss.reduction, self.ema_decay)
+        self._stats: dict[str, FactorStatistics] = {
+            layer: self._new_statistics(self._weights) for layer in self.layouts
+        }
+        self._bases: dict[str, Eigenbasis] = {}
+        self._diagonals: dict[str, RunningSum] = {}
+        self._version = 0
+        self._refreshed_version = -1
+        self._seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+        self._steps = 0
+        self._pending: _PendingEmpirical | None = None
+        self._replay: list[_Replay] = []
+        self._replay_fingerprint: tuple[tuple[int, int, int], ...] = ()
+        self._last: StepData | None = None
+        self._last_step = -1
+
+    # ------------------------------------------------------------------ method hooks
+    @staticmethod
+    def _new_statistics(weights: CurvatureWeights) -> FactorStatistics:
+        """The running statistics of one layer (each method supplies its own)."""
+        raise NotImplementedError
+
+    def _factor_names(self) -> tuple[str, str]:
+        """Names of the (input, output) factors in :meth:`factors`."""
+        raise NotImplementedError
+
+    def _damped_diagonals(self, damping: float, mode: str) -> dict[str, Tensor]:
+        """Per layer, the eigenbasis diagonal of the damped block that :meth:`solve` inverts.
+
+        ``"tikhonov"`` (every method): D + λ, the exact (C + λI)⁻¹ in the eigenbasis.
+        """
+        return {layer: self._diagonal(layer) + damping for layer in self.layouts}
+
+    # ------------------------------------------------------------------ repr
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(layers={list(self.layouts)}, fisher={self.fisher!r}, "
+            f"weight_sharing={self.weight_sharing!r}, ema_decay={self.ema_decay})"
+        )
+
+    # ------------------------------------------------------------------ statistics steps
+    def update(self, inputs: Any, targets: Any) -> None:
+        """Accumulate the statistics of one batch (one hooked forward and the needed backward).
+
+        ``.grad`` of the parameters is not touched. EKFAC/TEKFAC keep the batch (detached) to
+        refit their diagonal at the next refresh, as long as the parameters do not change.
+        """
+        self.flush()
+        seed = self._next_seed()
+        with torch.enable_grad():
+            step = self._forward_step(inputs, targets, seed)
+        self._fold(step)
+        if self.refits_diagonal:
+            fingerprint = self._fingerprint()
+            if fingerprint != self._replay_fingerprint:
+                self._replay = []  # the kept batches belong to other parameter values
+            self._replay.append(_Replay(_detach(inputs), _detach(targets), seed, self._steps))
+            self._replay_fingerprint = fingerprint
+
+    @contextmanager
+    def record(self, targets: Tensor | None) -> Iterator[None]:
+        """Hooks on for one training step: the caller runs exactly one forward of the model inside.
+
+        On exit the model output is known: for ``"type2"``/``"mc"`` the extra batched backward
+        from it runs at once (``retain_graph=True``, ``.grad`` untouched) and the step is folded
+        in; for ``"empirical"`` tensor hooks wait for the caller's ``loss.backward()`` and
+        :meth:`flush` folds the step. ``targets`` may be None except for ``"empirical"``.
+        """
+        self.flush()
+        self._check_model()
+        outputs: list[Any] = []
+
+        def catch(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            outputs.append(output)
+
+        handle = self.model.register_forward_hook(catch)
+        try:
+            with LayerCapture(self.modules) as capture:
+                yield
+        finally:
+            handle.remove()
+        if len(outputs) != 1:
+            raise ValueError(
+                f"{type(self).__name__}.record(): the model ran {len(outputs)} forward passes "
+                "inside the block; run exactly one."
+            )
+        output = self._check_outputs(outputs[0], targets)
+        seed = self._next_seed()
+        self._replay = []  # training steps refit the diagonal from the latest step only
+        if self.fisher == "empirical":
+            if targets is None:
+                raise ValueError("fisher='empirical' needs the true targets in record(targets).")
+            pending = _PendingEmpirical(
+                {name: list(calls) for name, calls in capture.calls.items()},
+                output.detach(), _detach(targets), self._steps,
+            )
+            for _, call in capture.outputs():
+                def store(grad: Tensor, call: LayerCall = call) -> None:
+                    call.grad_output = grad.detach()
+
+                pending.handles.append(call.output.register_hook(store))
+            self._pending = pending
+        else:
+            self._fold(self._backward_step(capture, output, targets, seed))
+
+    def flush(self) -> None:
+        """Fold a recorded ``"empirical"`` step, once its training backward has run.
+
+        Raises:
+            ValueError: the backward has not reached a covered layer's output yet.
+        """
+        pending = self._pending
+        if pending is None:
+            return
+        for name, calls in pending.calls.items():
+            if any(call.grad_output is None for call in calls):
+                raise ValueError(
+                    f"{type(self).__name__}.flush(): no gradient reached module {name!r}; run "
+                    "the training loss.backward() between record() and flush() (or any read)."
+                )
+        for handle in pending.handles:
+            handle.remove()
+        self._pending = None
+        c = self.loss.reduction_factor(pending.outputs, pending.targets)
+        # The training backward differentiated the reduced loss c·Σℓ: divide c out (§1.5).
+        grads = {
+            name: [call.grad_output.unsqueeze(0) / c for call in calls]
+            for name, calls in pending.calls.items()
+        }
+        self._fold(step_data(self.layouts, pending.calls, grads, c,
+                             pending.outputs.shape[0], self.dtype), pending.step)
+
+    def refresh(self) -> None:
+        """Eigendecompose every layer's factors; EKFAC/TEKFAC reset and refit their diagonal."""
+        self.flush()
+        for layer, stats in self._stats.items():
+            if stats.empty:
+                raise ValueError(
+                    f"{type(self).__name__} has no statistics for module {layer!r}: call "
+                    "update() or record() first."
+                )
+        for layer, stats in self._stats.items():
+            fac_in, fac_out, divisor = stats.factors()
+            names = self._factor_names()
+            values_in, basis_in = eigh_psd(fac_in, f"factor {names[0]} of module {layer!r}")
+            values_out, basis_out = eigh_psd(fac_out, f"factor {names[1]} of module {layer!r}")
+            self._bases[layer] = Eigenbasis(basis_in, values_in, basis_out, values_out, divisor)
+        self._refreshed_version = self._version
+        if self.refits_diagonal:
+            self._diagonals = {layer: self._weights.running() for layer in self.layouts}
+            self._refit_diagonal()
+
+    # ------------------------------------------------------------------ internals: steps
+    def _next_seed(self) -> int:
+        self._steps += 1
+        return (self._seed + self._steps * 0x9E3779B97F4A7C15) % (2**63)
+
+    def _fingerprint(self) -> tuple[tuple[int, int, int], ...]:
+        """Identity, storage and in-place version of every parameter: changes when they do."""
+        return tuple((id(p), p.data_ptr(), p._version) for p in self.model.parameters())
+
+    def _check_model(self) -> None:
+        if self.refits_diagonal:
+            # Per-example gradients are assumed; training-mode BatchNorm couples the examples.
+            check_no_training_batchnorm(self.model)
+
+    def _check_outputs(self, outputs: Any, targets: Any) -> Tensor:
+        name = type(self).__name__
+        if not isinstance(outputs, Tensor):
+            raise ValueError(f"{name}: the model must return a tensor, got {type(outputs)}.")
+        if not outputs.requires_grad:
+            raise ValueError(
+                f"{name}: the model output does not require grad (was the forward run under "
+                "torch.no_grad()?); the statistics need a graph."
+            )
+        self.loss.check(outputs, targets)
+        check_finite(outputs.detach(), f"{name}: the model output")
+        return outputs
+
+    def _forward_step(self, inputs: Any, targets: Any, seed: int) -> StepData:
+        self._check_model()
+        with LayerCapture(self.modules) as capture:
+            outputs = self.model(*as_args(inputs))
+        outputs = self._check_outputs(outputs, targets)
+        return self._backward_step(capture, outputs, targets, seed)
+
+    def _backward_step(
+        self, capture: LayerCapture, outputs: Tensor, targets: Any, seed: int
+    ) -> StepData:
+        generator = torch.Generator(device=outputs.device)
+        generator.manual_seed(seed)
+        vectors = backprop_vectors(
+            self.loss, self.fisher, outputs.detach(), targets, self.mc_samples, generator
+        )
+        grads = capture.grad_outputs(outputs, vectors, batched=True)
+        c = self.loss.reduction_factor(outputs.detach(), targets)
+        return step_data(self.layouts, capture.calls, grads, c, outputs.shape[0], self.dtype)
+
+    def _rows(self, layer: str, step: StepData) -> tuple[Tensor, Tensor]:
+        """(ā rows [M, d_in'], g rows [K, M, d_out]) under the weight-sharing flavour (§2.3)."""
+        data = step.layers[layer]
+        if self.weight_sharing == "expand":  # every (example, position) is a row
+            return (data.inputs.reshape(-1, data.inputs.shape[-1]),
+                    data.grads.reshape(data.grads.shape[0], -1, data.grads.shape[-1]))
+        # reduce: one row per example, the mean input and the summed gradient over positions
+        return data.inputs.mean(dim=1), data.grads.sum(dim=2)
+
+    def _fold(self, step: StepData, step_id: int | None = None) -> None:
+        for layer, stats in self._stats.items():
+            inputs, grads = self._rows(layer, step)
+            stats.fold(inputs, grads, step.scale, step.num_examples)
+        self._version += 1
+        if self.refits_diagonal:
+            self._last = step
+            self._last_step = self._steps if step_id is None else step_id
+            if self._bases:
+                self._fold_diagonal(step)
+
+    def _fold_diagonal(self, step: StepData) -> None:
+        weight = self._weights.weight(step.num_examples)
+        for layer, data in step.layers.items():
+            basis = self._bases[layer]
+            squares = eigenbasis_squares(data.inputs, data.grads, basis.basis_in,
+                                         basis.basis_out)
+            self._diagonals[layer].add((weight * step.scale) * squares, weight)
+
+    def _refit_diagonal(self) -> None:
+        if self._replay and self._fingerprint() == self._replay_fingerprint:
+            for entry in self._replay:
+                if entry.step == self._last_step and self._last is not None:
+                    step = self._last
+                else:
+                    with torch.enable_grad():
+                        step = self._forward_step(entry.inputs, entry.targets, entry.seed)
+                self._fold_diagonal(step)
+        elif self._last is not None:
+            self._fold_diagonal(self._last)
+
+    # ------------------------------------------------------------------ internals: reads
+    def _ensure_current(self) -> None:
+        self.flush()
+        if not self._bases or (self.auto_refresh and self._version != self._refreshed_version):
+            self.refresh()
+
+    def _diagonal(self, layer: str) -> Tensor:
+        """The block's eigenbasis diagonal D (d_out × d_in') as read now."""
+        running = self._diagonals.get(layer)
+        if running is not None and not running.empty:
+            return running.value()
+        return self._bases[layer].kronecker_diagonal()
+
+    def _split(self, vectors: Sequence[Tensor]) -> Iterator[tuple[str, list[Tensor]]]:
+        start = 0
+        for layer, group in zip(self.layouts, self.partition.groups):
+            yield layer, list(vectors[start : start + len(group)])
+            start += len(group)
+
+    def _apply(self, vectors: Sequence[Tensor], diagonals: dict[str, Tensor],
+               invert: bool) -> Vector:
+        out: Vector = []
+        for layer, tensors in self._split(vectors):
+            layout, basis = self.layouts[layer], self._bases[layer]
+            rotated = basis.rotate(layout.to_matrix(tensors, self.dtype))
+            rotated = rotated / diagonals[layer] if invert else rotated * diagonals[layer]
+            out.extend(layout.from_matrix(basis.unrotate(rotated)))
+        return out
+
+    # ------------------------------------------------------------------ CurvatureEstimate
+    def matmat(self, vectors: Sequence[Tensor]) -> Vector:
+        """C applied to K vectors ([K, *p.shape] each), layer by layer in matrix form."""
+        self.partition.check_batched_vector(vectors)
+        self._ensure_current()
+        return self._apply(vectors, {layer: self._diagonal(layer) for layer in self.layouts},
+                           invert=False)
+
+    def matvec(self, v: Sequence[Tensor]) -> Vector:
+        v = self.partition.check_vector(v, "v")
+        return [t[0] for t in self.matmat([x.unsqueeze(0) for x in v])]
+
+    def solve(
+        self, v: Sequence[Tensor], damping: float = 0.0, *, damping_mode: DampingMode = "tikhonov"
+    ) -> Vector:
+        """(C_λ)⁻¹ v through the eigendecompositions, where C_λ is the damped block.
+
+        ``damping_mode="tikhonov"`` (default, every method) gives C_λ = C + λI exactly; the other
+        modes each method offers are described in its class docstring.
+
+        Raises:
+            ValueError: unknown mode, negative damping, or C_λ singular (e.g. zero damping on a
+                rank-deficient estimate), naming the module.
+        """
+        v = self.partition.check_vector(v, "v")
+        check_damping(damping)
+        if damping_mode not in self.damping_modes:
+            raise ValueError(
+                f"{type(self).__name__}.solve: damping_mode must be one of {self.damping_modes}, "
+                f"got {damping_mode!r}."
+            )
+        self._ensure_current()
+        diagonals = self._damped_diagonals(float(damping), damping_mode)
+        for layer, diag in diagonals.items():
+            eps = torch.finfo(diag.dtype).eps
+            scale = max(float(diag.abs().max()), float(damping), 1e-300)
+            if bool((diag <= diag.numel() * eps * scale).any()):
+                raise ValueError(
+                    f"{type(self).__name__}.solve: the block of module {layer!r} plus "
+                    f"damping={damping} ({damping_mode}) is singular (smallest eigenvalue "
+                    f"{float(diag.min()):.3e}); use a positive damping."
+                )
+        return [x[0] for x in self._apply([t.unsqueeze(0) for t in v], diagonals, invert=True)]
+
+    def to_dense(self) -> Tensor:
+        """The block-diagonal P×P matrix in the dense order (user layout, not [W | b])."""
+        self._ensure_current()
+        part = self.partition
+        dense = torch.zeros(part.numel, part.numel, dtype=part.dtype, device=part.device)
+        for (layer, layout), sl in zip(self.layouts.items(), part.subset_slices):
+            basis = self._bases[layer]
+            q = torch.kron(basis.basis_out, basis.basis_in)  # row-major [W | b] ↔ eigenbasis
+            block = (q * self._diagonal(layer).reshape(-1)) @ q.T
+            index = layout.dense_index().to(block.device)
+            dense[sl, sl] = (0.5 * (block + block.T))[index][:, index].to(part.dtype)
+        return dense
+
+    def diagonal(self) -> Vector:
+        """diag(C): (U_out^{∘2}) D (U_in^{∘2})ᵀ per layer, in the user layout."""
+        self._ensure_current()
+        out: Vector = []
+        for layer, layout in self.layouts.items():
+            basis = self._bases[layer]
+            diag = basis.basis_out.square() @ self._diagonal(layer) @ basis.basis_in.square().T
+            out.extend(t[0] for t in layout.from_matrix(diag.unsqueeze(0)))
+        return out
+
+    def trace(self) -> Tensor:
+        """tr C = Σ_layers Σ D (the trace is invariant under the orthogonal change of basis)."""
+        self._ensure_current()
+        total = sum(self._diagonal(layer).sum() for layer in self.layouts)
+        return total.to(self.partition.dtype)
+
+    def reduced(self, u: Sequence[Tensor]) -> Tensor:
+        """S×S: diag(u_sᵀ C_ss u_s); the off-diagonal blocks of a block-diagonal estimate are 0."""
+        u = self.partition.check_vector(u, "u")
+        return torch.diag(self.partition.subset_dots(u, self.matvec(u)))
+
+    # ------------------------------------------------------------------ inspection
+    def factors(self) -> dict[str, dict[str, Tensor]]:
+        """Per module: its statistics, the eigendecompositions, and the eigenbasis diagonal.
+
+        Keys: the named statistics of the method (e.g. ``"A"``, ``"G"``; ``"delta"``, ``"Phi"``,
+        ``"Psi"``, ``"Phi_raw"``, ``"Psi_raw"``), ``"eigvals_X"``/``"eigvecs_X"`` for both
+        factors X (eigenvalues of the factor as named, eigenvectors in columns, at the last
+        refresh) and ``"diagonal"``, the d_out × d_in' eigenbasis diagonal D of the block.
+        """
+        self._ensure_current()
+        name_in, name_out = self._factor_names()
+        out: dict[str, dict[str, Tensor]] = {}
+        for layer, stats in self._stats.items():
+            basis = self._bases[layer]
+            # The bases decompose the undivided factors; TKFAC's named ones are Φ_raw/δ, Ψ_raw/δ.
+            divisor = basis.safe_divisor()
+            entry = stats.named()
+            entry[f"eigvals_{name_in}"] = basis.values_in / divisor
+            entry[f"eigvecs_{name_in}"] = basis.basis_in
+            entry[f"eigvals_{name_out}"] = basis.values_out / divisor
+            entry[f"eigvecs_{name_out}"] = basis.basis_out
+            entry["diagonal"] = self._diagonal(layer)
+            out[layer] = entry
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def _config(self) -> dict[str, Any]:
+        return {
+            "method": type(self).__name__,
+            "fisher": self.fisher,
+            "mc_samples": self.mc_samples,
+            "weight_sharing": self.weight_sharing,
+            "ema_decay": self.ema_decay,
+            "reduction": self.loss.reduction,
+            "layers": {layer: (lay.d_out, lay.d_cols) for layer, lay in self.layouts.items()},
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Statistics (sums with counts), bases, diagonals, kept batches and RNG position."""
+        self.flush()
+        last = None
+        if self._last is not None:
+            last = {
+                "layers": {k: (d.inputs, d.grads) for k, d in self._last.layers.items()},
+                "scale": self._last.scale,
+                "num_examples": self._last.num_examples,
+                "step": self._last_step,
+            }
+        return {
+            "config": self._config(),
+            "statistics": {layer: s.state_dict() for layer, s in self._stats.items()},
+            "bases": {layer: vars(b).copy() for layer, b in self._bases.items()},
+            "diagonals": {layer: r.state_dict() for layer, r in self._diagonals.items()},
+            "version": self._version,
+            "refreshed_version": self._refreshed_version,
+            "seed": self._seed,
+            "steps": self._steps,
+            "replay": [vars(r).copy() for r in self._replay],
+            "last": last,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` of the same method, configuration and layers.
+
+        Kept batches are assumed to belong to the current parameter values.
+
+        Raises:
+            ValueError: the state was saved by another method, configuration or model.
+        """
+        if not isinstance(state, dict) or "config" not in state:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: not a Kronecker state.")
+        mine, theirs = self._config(), state["config"]
+        for key, value in mine.items():
+            if theirs.get(key) != value:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: the state has {key}="
+                    f"{theirs.get(key)!r}, this estimate {value!r}."
+                )
+        self.flush()
+        for layer, stats in self._stats.items():
+            stats.load_state_dict(state["statistics"][layer])
+        self._bases = {layer: Eigenbasis(**b) for layer, b in state["bases"].items()}
+        self._diagonals = {}
+        for layer, saved in state["diagonals"].items():
+            running = self._weights.running()
+            running.load_state_dict(saved)
+            self._diagonals[layer] = running
+        self._version = int(state["version"])
+        self._refreshed_version = int(state["refreshed_version"])
+        self._seed = int(state["seed"])
+        self._steps = int(state["steps"])
+        self._replay = [_Replay(**r) for r in state["replay"]]
+        self._replay_fingerprint = self._fingerprint()
+        last = state["last"]
+        self._last, self._last_step = None, -1
+        if last is not None:
+            self._last = StepData(
+                {k: LayerData(*d) for k, d in last["layers"].items()},
+                last["scale"], last["num_examples"],
+            )
+            self._last_step = int(last["step"])

@@ -1,0 +1,133 @@
+"""From one forward (and the backward vectors) to per-layer rows ā_{n,t} and g_{n,t,k}.
+
+A Kronecker estimate reads every covered layer as z_{n,t} = W ā_{n,t} at T shared positions
+(kfac_family.md §1.1). One batch gives, per layer,
+
+* ``inputs``: ā ∈ ℝ^{N × T × d_in'}, the layer-input rows with the homogeneous coordinate
+  (:meth:`LayerLayout.homogeneous`); a module called several times in one forward (weight tying)
+  contributes every call as further shared positions (pitfall P11);
+* ``grads``: g ∈ ℝ^{K × N × T × d_out}, the gradients at the layer output of Σ ℓ (the
+  *unreduced* loss) along K backpropagated vectors s_k (§1.3), so that the curvature of the
+  user's loss is c · Σ_{n,k} u_{n,k} u_{n,k}ᵀ with u_{n,k} = vec(Σ_t g_{n,t,k} ā_{n,t}ᵀ).
+
+The vectors s_k depend on the Fisher type (:func:`backprop_vectors`). For the type-2 Fisher with
+R > 1 loss terms per example (sequence or dense outputs) the Hessian square root is split *per
+term*: K = R·C vectors, vector (r, j) carrying column j of term r's square root and zeros on the
+other terms. Backpropagating one column for all terms at once (K = C) would add the spurious
+products s_{j,r} s_{j,r'}ᵀ between different terms r ≠ r' of an example, which are not part of
+the loss Hessian (it is block-diagonal over terms); the split keeps Σ_k u_{n,k}u_{n,k}ᵀ equal to
+example n's exact GGN. MC vectors need no split: their samples are independent across terms, so
+the cross products vanish in expectation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from curvlib.capture import LayerCall, layer_inputs, output_rows
+from curvlib.kron.layout import LayerLayout
+from curvlib.losses import FisherType, LossFunction, check_finite
+
+
+@dataclass
+class LayerData:
+    """One batch's rows for one layer: ā [N, T, d_in'] and g [K, N, T, d_out]."""
+
+    inputs: Tensor
+    grads: Tensor
+
+
+@dataclass
+class StepData:
+    """One statistics step: every layer's rows, the reduction factor c and the batch size N."""
+
+    layers: dict[str, LayerData]
+    scale: float
+    num_examples: int
+
+
+def term_shape(loss: LossFunction, outputs: Tensor) -> tuple[int, ...]:
+    """The shape of the loss-term axes of one example (empty: one term per example)."""
+    if loss.kind == "cross_entropy":
+        return tuple(outputs.shape[2:])
+    if outputs.dim() <= 2:
+        return ()
+    return tuple(outputs.shape[1:-1])
+
+
+def type2_vectors(loss: LossFunction, outputs: Tensor, targets: Tensor | None) -> Tensor:
+    """[R·C, *outputs.shape]: the loss Hessian square root split per loss term (see above)."""
+    columns = loss.hessian_sqrt(outputs, targets)  # [C, *outputs.shape], all terms at once
+    terms = term_shape(loss, outputs)
+    num_terms = math.prod(terms)
+    if num_terms == 1:
+        return columns
+    eye = torch.eye(num_terms, dtype=columns.dtype, device=columns.device)
+    if loss.kind == "cross_entropy":  # outputs [N, C, *terms]
+        selector = eye.view(num_terms, 1, 1, 1, *terms)
+    else:  # outputs [N, *terms, C]
+        selector = eye.view(num_terms, 1, 1, *terms, 1)
+    split = selector * columns.unsqueeze(0)  # [R, C, *outputs.shape]
+    return split.reshape(-1, *outputs.shape)
+
+
+def backprop_vectors(
+    loss: LossFunction,
+    fisher: FisherType,
+    outputs: Tensor,
+    targets: Tensor | None,
+    mc_samples: int,
+    generator: torch.Generator,
+) -> Tensor:
+    """The K vectors s_k of a Fisher type ([K, *outputs.shape]) for the unreduced loss Σ ℓ."""
+    if fisher == "type2":
+        return type2_vectors(loss, outputs, targets)
+    return loss.backprop_vectors(fisher, outputs, targets, mc_samples, generator)
+
+
+def layer_data(
+    layout: LayerLayout,
+    calls: list[LayerCall],
+    grads: list[Tensor],
+    dtype: torch.dtype,
+) -> LayerData:
+    """Rows of one layer from its recorded calls and their [K, *output.shape] gradients.
+
+    Raises:
+        ValueError: the layer was not called, or its inputs or gradients are not finite.
+    """
+    if not calls:
+        raise ValueError(
+            f"Module {layout.name!r} was not called during the forward pass, so it has no "
+            "statistics; leave it out with include=."
+        )
+    inputs, outputs = [], []
+    for call, grad in zip(calls, grads):
+        rows = layer_inputs(layout.module, call.input)
+        check_finite(rows, f"The input of module {layout.name!r}")
+        inputs.append(layout.homogeneous(rows.to(dtype)))
+        outputs.append(output_rows(layout.module, grad, batch_axes=1).to(dtype))
+    data = LayerData(torch.cat(inputs, dim=1), torch.cat(outputs, dim=2))
+    check_finite(data.grads, f"The backpropagated gradients at module {layout.name!r}")
+    return data
+
+
+def step_data(
+    layouts: Mapping[str, LayerLayout],
+    calls: Mapping[str, list[LayerCall]],
+    grads: Mapping[str, list[Tensor]],
+    scale: float,
+    num_examples: int,
+    dtype: torch.dtype,
+) -> StepData:
+    """Assemble a :class:`StepData` for every covered layer."""
+    layers = {
+        name: layer_data(layout, calls[name], grads[name], dtype)
+        for name, layout in layouts.items()
+    }
+    return StepData(layers, scale, num_examples)

@@ -1,0 +1,200 @@
+"""Running statistics kept as sums with their counts, and the factor statistics of K-FAC and TKFAC.
+
+**Sums with counts.** Every statistic is a pair (numerator, count) that batches add to. With
+``ema_decay=None`` both are plain sums, so the average over all batches is exact and an
+all-reduce over ranks of both is exact too; with ``ema_decay=β`` both are exponential moving
+averages started at zero, ``x ← β x + (1 − β) x_b``, whose *ratio* is the batch-weighted EMA
+without start-up bias (the (1 − β^t) debiasing factors cancel).
+
+Two kinds of statistic (kfac_family.md §1.5):
+
+* *row means*, the input factor A: numerator Σ_rows ā āᵀ, count = number of rows, read as the
+  mean — over examples and shared positions (expand) or over examples (reduce);
+* *curvature-scale* statistics (G, TKFAC's δ, Φ_raw, Ψ_raw, the EKFAC/TEKFAC diagonals), which
+  carry the reduction factor c of their batch. Batch b adds ``w_b · X_b`` with count ``w_b``;
+  ``w_b = N_b`` for ``reduction="mean"`` (the batch-size weighted average, which is exactly how the
+  mean loss over all batches weighs each batch's mean loss) and ``w_b = 1`` for ``"sum"``. With
+  the exact average a sum-reduced statistic is read as the numerator itself (Σ_b X_b, the curvature
+  of the summed loss over all batches, as :class:`~curvlib.ExactGGN` does); under an EMA it is read
+  as the average (the curvature of one batch's summed loss, tracked over time).
+
+**K-FAC** (Martens & Grosse 2015; Grosse & Martens 2016; Eschenhagen et al. 2023) keeps
+A = mean ā āᵀ and G = c Σ_{rows,k} g gᵀ; the block is A ⊗ G (cvec), i.e. V ↦ G V A on [W | b].
+
+**TKFAC** (Gao et al., AAAI 2021, arXiv 2011.10741) keeps, over the same rows m and vectors k,
+
+    δ = c Σ_m ‖ā_m‖² Σ_k ‖g_{m,k}‖²,
+    Φ_raw = c Σ_m (Σ_k ‖g_{m,k}‖²) ā_m ā_mᵀ,   Ψ_raw = c Σ_{m,k} ‖ā_m‖² g_{m,k} g_{m,k}ᵀ,
+
+averaged as *undivided* statistics (pitfall P10) and divided only when read: the block is
+Φ_raw ⊗ Ψ_raw / δ = δ Φ ⊗ Ψ with Φ = Φ_raw/δ, Ψ = Ψ_raw/δ of unit trace.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class RunningSum:
+    """A numerator tensor and a count, summed (exact) or exponentially averaged (EMA).
+
+    Args:
+        ema_decay: None for exact sums, else β ∈ [0, 1).
+        total: read the numerator itself instead of numerator / count (sum reduction, exact).
+    """
+
+    def __init__(self, ema_decay: float | None, total: bool = False) -> None:
+        self.ema_decay = ema_decay
+        self.total = total
+        self.numerator: Tensor | None = None
+        self.count: float = 0.0
+
+    def add(self, numerator: Tensor, count: float) -> None:
+        # Out of place: a state dict may hold the previous numerator.
+        previous = torch.zeros_like(numerator) if self.numerator is None else self.numerator
+        if self.ema_decay is None:
+            self.numerator = previous + numerator
+            self.count += count
+        else:
+            beta = self.ema_decay
+            self.numerator = beta * previous + (1.0 - beta) * numerator
+            self.count = beta * self.count + (1.0 - beta) * count
+
+    @property
+    def empty(self) -> bool:
+        return self.numerator is None or self.count == 0.0
+
+    def value(self) -> Tensor:
+        """The statistic as read: numerator / count, or the numerator for a total."""
+        if self.numerator is None or self.count == 0.0:
+            raise ValueError("A Kronecker statistic was read before any data was added.")
+        return self.numerator if self.total else self.numerator / self.count
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"numerator": self.numerator, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.numerator = state["numerator"]
+        self.count = float(state["count"])
+
+
+class CurvatureWeights:
+    """How batches weigh curvature-scale statistics (see the module docstring)."""
+
+    def __init__(self, reduction: str, ema_decay: float | None) -> None:
+        self.reduction = reduction
+        self.ema_decay = ema_decay
+
+    def running(self) -> RunningSum:
+        """A fresh curvature-scale statistic."""
+        return RunningSum(self.ema_decay, total=self.reduction == "sum" and self.ema_decay is None)
+
+    def weight(self, num_examples: int) -> float:
+        """w_b of a batch of N_b examples."""
+        return float(num_examples) if self.reduction == "mean" else 1.0
+
+
+class FactorStatistics(ABC):
+    """The running statistics of one layer, and the two Kronecker factors they define.
+
+    The layer's block is ``(input_factor ⊗ output_factor) / divisor`` in cvec order, that is
+    ``V ↦ output_factor · V · input_factor / divisor`` on the [W | b] matrix.
+    """
+
+    def __init__(self, weights: CurvatureWeights) -> None:
+        self.weights = weights
+
+    @abstractmethod
+    def fold(self, inputs: Tensor, grads: Tensor, scale: float, num_examples: int) -> None:
+        """Add one batch, given as rows ā [M, d_in'] and g [K, M, d_out] and its c and N."""
+
+    @abstractmethod
+    def factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(input factor, output factor, divisor) as read now."""
+
+    @abstractmethod
+    def named(self) -> dict[str, Tensor]:
+        """The statistics under their names in the papers, for :meth:`factors` of an estimate."""
+
+    @abstractmethod
+    def running_sums(self) -> dict[str, RunningSum]:
+        """Every running statistic by name (for state dicts)."""
+
+    @property
+    def empty(self) -> bool:
+        return any(r.empty for r in self.running_sums().values())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: r.state_dict() for name, r in self.running_sums().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, running in self.running_sums().items():
+            running.load_state_dict(state[name])
+
+
+class KFACStatistics(FactorStatistics):
+    """A = mean of ā āᵀ over rows; G = c Σ_{rows,k} g gᵀ (curvature scale)."""
+
+    def __init__(self, weights: CurvatureWeights) -> None:
+        super().__init__(weights)
+        self.A = RunningSum(weights.ema_decay)
+        self.G = weights.running()
+
+    def fold(self, inputs: Tensor, grads: Tensor, scale: float, num_examples: int) -> None:
+        self.A.add(inputs.T @ inputs, float(inputs.shape[0]))
+        flat = grads.reshape(-1, grads.shape[-1])
+        w = self.weights.weight(num_examples)
+        self.G.add((w * scale) * (flat.T @ flat), w)
+
+    def factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        a = self.A.value()
+        return a, self.G.value(), torch.ones((), dtype=a.dtype, device=a.device)
+
+    def named(self) -> dict[str, Tensor]:
+        return {"A": self.A.value(), "G": self.G.value()}
+
+    def running_sums(self) -> dict[str, RunningSum]:
+        return {"A": self.A, "G": self.G}
+
+
+class TKFACStatistics(FactorStatistics):
+    """δ, Φ_raw and Ψ_raw (curvature scale), averaged undivided and divided when read."""
+
+    def __init__(self, weights: CurvatureWeights) -> None:
+        super().__init__(weights)
+        self.delta = weights.running()
+        self.Phi_raw = weights.running()
+        self.Psi_raw = weights.running()
+
+    def fold(self, inputs: Tensor, grads: Tensor, scale: float, num_examples: int) -> None:
+        sq_in = inputs.square().sum(-1)  # ‖ā_m‖², [M]
+        sq_out = grads.square().sum((0, 2))  # Σ_k ‖g_{m,k}‖², [M]
+        w = self.weights.weight(num_examples) * scale
+        count = self.weights.weight(num_examples)
+        self.delta.add(w * (sq_in * sq_out).sum(), count)
+        self.Phi_raw.add(w * (inputs.T @ (sq_out.unsqueeze(1) * inputs)), count)
+        weighted = grads * sq_in.sqrt().view(1, -1, 1)  # ‖ā_m‖ g_{m,k}
+        flat = weighted.reshape(-1, grads.shape[-1])
+        self.Psi_raw.add(w * (flat.T @ flat), count)
+
+    def factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.Phi_raw.value(), self.Psi_raw.value(), self.delta.value()
+
+    def named(self) -> dict[str, Tensor]:
+        delta = self.delta.value()
+        # δ = 0 only when every row has ā = 0 or g = 0: the block is zero, and so are Φ and Ψ.
+        safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+        return {
+            "delta": delta,
+            "Phi": self.Phi_raw.value() / safe,
+            "Psi": self.Psi_raw.value() / safe,
+            "Phi_raw": self.Phi_raw.value(),
+            "Psi_raw": self.Psi_raw.value(),
+        }
+
+    def running_sums(self) -> dict[str, RunningSum]:
+        return {"delta": self.delta, "Phi_raw": self.Phi_raw, "Psi_raw": self.Psi_raw}
