@@ -1,0 +1,206 @@
+"""The training protocol (record / flush / refresh / auto_refresh), persistence and numerics of the
+Kronecker estimates, in float64 unless a test says otherwise."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from curvlib import EKFAC, KFAC, TEKFAC
+from curvlib.kron import KroneckerEstimate
+from curvlib.kron.eigen import eigenbasis_squares, eigh_psd
+from curvlib.testing import assert_close, dense_ggn
+from tests.cases import make_case
+from tests.test_kron_exact import METHODS, fitted, ggn_blocks, to_wb
+
+
+def recorded(estimate: KroneckerEstimate, x: Tensor, y: Tensor) -> list[Tensor]:
+    """One training step through the protocol; returns the parameters' .grad after it."""
+    model = estimate.model
+    model.zero_grad()
+    with estimate.record(y):
+        outputs = model(x)
+    estimate.loss.module(outputs, y).backward()
+    estimate.flush()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def plain_gradient(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
+    return list(torch.autograd.grad(loss_fn(model(x), y), list(model.parameters())))
+
+
+@pytest.mark.parametrize("fisher", ["type2", "mc", "empirical"])
+@pytest.mark.parametrize("method", METHODS)
+def test_record_flush_equals_update(method: type[KroneckerEstimate], fisher: str) -> None:
+    """Two recorded training steps give the statistics of two update() calls (same MC seed),
+    and the extra backward leaves the training gradient untouched."""
+    model, loss_fn, x, y = make_case("sequence", "cross_entropy", "mean", batch=5)
+    steps = [(x[:2], y[:2]), (x[2:], y[2:])]
+    reference = fitted(method, model, loss_fn, steps, fisher=fisher, seed=11)
+    estimate = method(model, loss_fn, fisher=fisher, seed=11)
+    for bx, by in steps:
+        grads = recorded(estimate, bx, by)
+        for got, expected in zip(grads, plain_gradient(model, loss_fn, bx, by)):
+            assert_close(got, expected, rtol=1e-12, what=".grad after record")
+    for layer, expected in reference.factors().items():
+        got = estimate.factors()[layer]
+        for key in ("A", "G", "delta", "Phi_raw", "Psi_raw"):
+            if key in expected:
+                assert_close(got[key], expected[key], rtol=1e-12, what=f"{layer} {key}")
+
+
+def test_training_schedule_of_the_diagonal() -> None:
+    """EKFAC Algorithm 1 with auto_refresh=False: a refresh fits the diagonal to the latest step
+    in the new basis; later steps add to it in that basis until the next refresh resets it."""
+    model, loss_fn, x, y = make_case("mlp", "cross_entropy", "mean", batch=7)
+    first, second = (x[:3], y[:3]), (x[3:], y[3:])
+    estimate = EKFAC(model, loss_fn, fisher="type2")
+    estimate.auto_refresh = False
+
+    def fitted_diagonal(q: Tensor, bx: Tensor, by: Tensor, layer: str) -> Tensor:
+        sl = estimate.partition.subset_slices[list(estimate.modules).index(layer)]
+        block = to_wb(ggn_blocks(estimate, bx, by)[sl, sl], estimate.modules[layer])
+        return torch.diagonal(q.T @ block @ q).reshape(estimate.factors()[layer]["diagonal"].shape)
+
+    recorded(estimate, *first)
+    estimate.refresh()
+    f = estimate.factors()["2"]
+    q = torch.kron(f["eigvecs_G"], f["eigvecs_A"])
+    assert_close(f["diagonal"], fitted_diagonal(q, *first, "2"), rtol=1e-10, what="refit")
+    recorded(estimate, *second)  # no refresh: same basis, the diagonal averages both steps
+    f = estimate.factors()["2"]
+    assert_close(torch.kron(f["eigvecs_G"], f["eigvecs_A"]), q, what="basis kept")
+    expected = (3 * fitted_diagonal(q, *first, "2") + 4 * fitted_diagonal(q, *second, "2")) / 7
+    assert_close(f["diagonal"], expected, rtol=1e-10, what="online diagonal")
+    estimate.refresh()  # new basis from both steps' factors, diagonal from the latest step
+    f = estimate.factors()["2"]
+    q = torch.kron(f["eigvecs_G"], f["eigvecs_A"])
+    assert_close(f["diagonal"], fitted_diagonal(q, *second, "2"), rtol=1e-10, what="reset")
+
+
+def test_auto_refresh_follows_the_statistics() -> None:
+    model, loss_fn, x, y = make_case("mlp", "cross_entropy", "mean", batch=6)
+    estimate = fitted(KFAC, model, loss_fn, [(x[:3], y[:3])], fisher="type2")
+    before = estimate.to_dense()
+    estimate.auto_refresh = False
+    estimate.update(x[3:], y[3:])
+    assert_close(estimate.to_dense(), before, what="stale operator until refresh()")
+    estimate.refresh()
+    both = fitted(KFAC, model, loss_fn, [(x[:3], y[:3]), (x[3:], y[3:])], fisher="type2")
+    assert_close(estimate.to_dense(), both.to_dense(), rtol=1e-12, what="after refresh()")
+    estimate.auto_refresh = True
+    estimate.update(x[:2], y[:2])  # a read now refreshes by itself
+    assert float((estimate.to_dense() - both.to_dense()).abs().max()) > 1e-6
+
+
+def test_update_keeps_batches_only_while_parameters_stay() -> None:
+    """After the parameters change, EKFAC refits from the batches seen since (here the last)."""
+    model, loss_fn, x, y = make_case("mlp", "cross_entropy", "sum", batch=6)
+    estimate = fitted(EKFAC, model, loss_fn, [(x[:3], y[:3])], fisher="type2")
+    with torch.no_grad():
+        model[0].weight.mul_(0.5)
+    estimate.update(x[3:], y[3:])
+    f = estimate.factors()["0"]
+    q = torch.kron(f["eigvecs_G"], f["eigvecs_A"])
+    block = to_wb(ggn_blocks(estimate, x[3:], y[3:])[:24, :24], model[0])
+    assert_close(f["diagonal"].reshape(-1), torch.diagonal(q.T @ block @ q), rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_state_dict_round_trip(method: type[KroneckerEstimate]) -> None:
+    """A saved and loaded state reads the same and continues identically (MC seed included)."""
+    model, loss_fn, x, y = make_case("cnn", "cross_entropy", "mean", batch=6)
+    estimate = fitted(method, model, loss_fn, [(x[:2], y[:2]), (x[2:4], y[2:4])], fisher="mc",
+                      ema_decay=0.8, seed=3)
+    estimate.to_dense()  # refreshed state, then one more step on top
+    estimate.update(x[4:], y[4:])
+    buffer = io.BytesIO()
+    torch.save(estimate.state_dict(), buffer)
+    buffer.seek(0)
+    clone = method(model, loss_fn, fisher="mc", ema_decay=0.8, seed=99)
+    clone.load_state_dict(torch.load(buffer, weights_only=False))
+    assert_close(clone.to_dense(), estimate.to_dense(), rtol=1e-12, what="loaded")
+    clone.update(x[:3], y[:3])
+    estimate.update(x[:3], y[:3])
+    assert_close(clone.to_dense(), estimate.to_dense(), rtol=1e-12, what="continued")
+
+
+@pytest.mark.parametrize("name", ["shared", "conv1d"])
+def test_tied_calls_and_conv1d_keep_the_trace(name: str) -> None:
+    """A module called twice contributes both calls as shared positions; per-example gradients
+    sum over them, so EKFAC/TEKFAC keep tr F also for tied weights and 1-d convolutions."""
+    model, loss_fn, x, y = make_case(name, "cross_entropy", "mean", batch=4)
+    reference = None
+    for method in (EKFAC, TEKFAC):
+        estimate = fitted(method, model, loss_fn, [(x, y)], fisher="type2")
+        reference = ggn_blocks(estimate, x, y) if reference is None else reference
+        assert_close(estimate.trace(), torch.trace(reference), rtol=1e-10, what="trace")
+
+
+# ---------------------------------------------------------------------------- numerics
+def test_float32_model_matches_float64() -> None:
+    model, loss_fn, x, y = make_case("cnn", "cross_entropy", "mean", batch=4)
+    reference = fitted(EKFAC, model, loss_fn, [(x, y)], fisher="type2").to_dense()
+    model32 = model.float()
+    estimate = fitted(EKFAC, model32, loss_fn, [(x.float(), y)], fisher="type2")
+    assert estimate.dtype == torch.float32
+    dense = estimate.to_dense()
+    assert dense.dtype == torch.float32
+    assert_close(dense, reference, rtol=1e-4, what="float32")
+    wide = fitted(KFAC, model32, loss_fn, [(x.float(), y)], fisher="type2", dtype=torch.float64)
+    assert wide.factors()["0"]["A"].dtype == torch.float64
+
+
+def test_eigendecomposition_retries_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    matrix = torch.randn(6, 4, dtype=torch.float32)
+    matrix = matrix @ matrix.T  # rank 4: two zero eigenvalues
+    original = torch.linalg.eigh
+
+    def failing_in_float32(m: Tensor) -> tuple[Tensor, Tensor]:
+        if m.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("forced failure")
+        return original(m)
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing_in_float32)
+    values, vectors = eigh_psd(matrix, "a test factor")
+    assert values.dtype == torch.float32 and bool((values >= 0).all())
+    assert_close((vectors * values) @ vectors.T, matrix, rtol=1e-5, what="retried")
+
+
+def test_rank_deficient_estimate_is_finite_and_solve_needs_damping() -> None:
+    model, loss_fn, x, y = make_case("mlp", "cross_entropy", "mean", batch=1)
+    for method in METHODS:
+        estimate = fitted(method, model, loss_fn, [(x, y)], fisher="type2")
+        part = estimate.partition
+        v = part.unflatten(torch.ones(part.numel, dtype=torch.float64))
+        assert bool(torch.isfinite(estimate.to_dense()).all())
+        assert all(bool(torch.isfinite(t).all()) for t in estimate.solve(v, 1e-3))
+        with pytest.raises(ValueError, match="singular"):
+            estimate.solve(v, 0.0)
+
+
+@pytest.mark.parametrize("t", [1, 3, 8])
+def test_eigenbasis_squares_routes_agree(t: int) -> None:
+    """The one-matmul, per-example and Gram routes all equal Σ_{n,k} (U_outᵀ U_{n,k} U_in)^{∘2}."""
+    gen = torch.Generator().manual_seed(t)
+    inputs = torch.randn(5, t, 4, dtype=torch.float64, generator=gen)
+    grads = torch.randn(3, 5, t, 2, dtype=torch.float64, generator=gen)
+    basis_in = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=gen))[0]
+    basis_out = torch.linalg.qr(torch.randn(2, 2, dtype=torch.float64, generator=gen))[0]
+    per_example = torch.einsum("knti,ntj->knij", grads, inputs)
+    expected = (basis_out.T @ per_example @ basis_in).square().sum((0, 1))
+    for max_elements in (1, 1 << 20):  # chunks of one example, and all at once
+        got = eigenbasis_squares(inputs, grads, basis_in, basis_out, max_elements)
+        assert_close(got, expected, rtol=1e-12, what=f"T={t}")
+
+
+def test_sequence_type2_splits_terms() -> None:
+    """Type-2 vectors are split per loss term, so one datum of a sequence model gives exactly
+    its GGN's trace (K = C would add cross-term products to EKFAC's diagonal)."""
+    model, loss_fn, x, y = make_case("sequence", "mse", "sum", batch=1)
+    estimate = fitted(EKFAC, model, loss_fn, [(x, y)], fisher="type2")
+    reference = dense_ggn(model, loss_fn, x, y, estimate.partition)
+    assert_close(estimate.trace(), torch.trace(reference), rtol=1e-10, what="trace")
