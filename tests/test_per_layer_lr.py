@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from curvlib import ExactHessian, Partition
-from curvlib.optim import PerLayerLR
+from curvlib import KFAC, ExactHessian, Partition
+from curvlib.optim import NaturalGradient, PerLayerLR
 from curvlib.testing import assert_close, dense_projected_hessian
 from tests.cases import make_case
 
@@ -242,3 +242,25 @@ def test_bad_input_raises() -> None:
         wrapper.load_state_dict({**state, "eta": torch.ones(2)})
     with pytest.raises(ValueError, match="lacks"):
         wrapper.load_state_dict({"base": state["base"]})
+
+
+def test_wraps_natural_gradient_with_its_shared_kfac_estimate() -> None:
+    model, loss_fn, x, y = make_case("mlp", batch=16)
+    estimate = KFAC(model, loss_fn, fisher="type2")
+    natural = NaturalGradient(model.parameters(), estimate, lr=0.1, damping=1e-2)
+    wrapper = PerLayerLR(natural, estimate, period=1, update_estimate=False, clip_negative=False)
+    part = estimate.partition
+    for step in range(2):
+        wrapper.zero_grad()
+        with natural.record(y):
+            outputs = model(x)
+        loss_fn(outputs, y).backward()
+        before = params_of(model)
+        wrapper.step()
+        # NaturalGradient's own step from the statistics it just gathered: 0.1·(C + 10⁻²I)⁻¹∇L
+        grads = [p.grad for p in part.parameters]
+        u = [0.1 * v for v in estimate.solve(grads, damping=1e-2)]
+        assert_close(wrapper.history[-1].R, estimate.reduced(u), rtol=1e-9, what="R")
+        expected = part.scale(u, -wrapper.last_eta)
+        for i, (p, b, e) in enumerate(zip(model.parameters(), before, expected)):
+            assert_close(p.detach() - b, e, rtol=1e-9, what=f"step {step}, tensor {i}")
