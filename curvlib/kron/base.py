@@ -46,6 +46,7 @@ eigenvalues (the reset value), i.e. the estimate equals K-FAC/TKFAC.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -224,13 +225,13 @@ class KroneckerEstimate(CurvatureEstimate):
 
     # ------------------------------------------------------------------ method hooks
     @staticmethod
+    @abstractmethod
     def _new_statistics(weights: CurvatureWeights) -> FactorStatistics:
         """The running statistics of one layer (each method supplies its own)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _factor_names(self) -> tuple[str, str]:
         """Names of the (input, output) factors in :meth:`factors`."""
-        raise NotImplementedError
 
     def _damped_diagonals(self, damping: float, mode: str) -> dict[str, Tensor]:
         """Per layer, the eigenbasis diagonal of the damped block that :meth:`solve` inverts.
