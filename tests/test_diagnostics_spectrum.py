@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from scipy.sparse.linalg import aslinearoperator
-from torch import Tensor
+from torch import Tensor, nn
 
-from curvlib import DiagGGN, ExactGGN, ExactHessian
+from curvlib import EKFAC, KFAC, TEKFAC, TKFAC, DiagGGN, ExactGGN, ExactHessian
 from curvlib.diagnostics import top_eigenvalues
 from curvlib.testing import assert_close
 from tests.cases import make_case
@@ -116,3 +116,32 @@ def test_bad_arguments() -> None:
         top_eigenvalues(torch.tensor([[1.0, 2.0], [0.0, 1.0]]), 1)
     with pytest.raises(ValueError, match="not finite"):
         top_eigenvalues(torch.tensor([[float("nan")]]), 1)
+
+
+@pytest.mark.parametrize("estimate_cls", [KFAC, EKFAC, TKFAC, TEKFAC])
+@pytest.mark.parametrize("name", ["square", "conv1d"])
+def test_kronecker_spectrum_from_factors_matches_lanczos(estimate_cls, name: str) -> None:
+    """"square" has a layer with d_out = d_in + 1 = 4, where the factor roles must be told
+    apart by a product rather than by their sizes."""
+    if name == "square":
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+        loss_fn = nn.CrossEntropyLoss()
+        x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0])
+    else:
+        model, loss_fn, x, y = make_case(name, "cross_entropy", "mean", batch=4)
+    estimate = estimate_cls(model, loss_fn, fisher="type2")
+    estimate.update(x, y)
+    part = estimate.partition
+    dense = estimate.to_dense()
+    assert_close(top_eigenvalues(estimate, 4, method="lanczos"), reference(dense, 4, "LA"),
+                 rtol=1e-8, what="Lanczos vs eigvalsh")
+    assert_close(top_eigenvalues(estimate, 4), top_eigenvalues(estimate, 4, method="lanczos"),
+                 rtol=1e-8, what="factors vs Lanczos")
+    # the whole spectrum and every eigenvector, so that every block is read off its factors
+    values, vectors = top_eigenvalues(estimate, part.numel, "SA", return_eigenvectors=True)
+    assert_close(values, torch.linalg.eigvalsh(dense), atol=1e-10, what="factors vs eigvalsh")
+    flat = torch.stack([part.flatten(v) for v in vectors])
+    assert_close(flat @ flat.T, torch.eye(part.numel, dtype=torch.float64), atol=1e-10)
+    products = part.flatten_batched(estimate.matmat(part.unflatten_batched(flat)))
+    assert_close(products, values[:, None] * flat, atol=1e-10, what="eigenpairs")

@@ -86,6 +86,17 @@ def test_exact_path_uses_the_structure() -> None:
     assert "exact" in str(result)
 
 
+def test_progress_bar_can_be_turned_on_and_off(capsys: pytest.CaptureFixture[str]) -> None:
+    matrix = decaying_matrix(5)
+    trace_estimate(matrix, num_matvecs=4, progress=True)
+    assert "trace (hutchinson)" in capsys.readouterr().err
+    trace_estimate(matrix, num_matvecs=4, progress=False)
+    trace_estimate(matrix, num_matvecs=4)  # default: only on a terminal, and pytest's is not
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match="progress must be True, False or None"):
+        trace_estimate(matrix, progress="yes")
+
+
 def test_bad_arguments() -> None:
     matrix = decaying_matrix(5)
     with pytest.raises(ValueError, match="method must be one of"):
