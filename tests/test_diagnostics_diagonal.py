@@ -198,6 +198,10 @@ def test_bad_arguments() -> None:
     shared = nn.Linear(3, 3).double()
     with pytest.raises(ValueError, match="appears twice"):
         DiagGGN(nn.Sequential(shared, nn.Tanh(), shared), nn.MSELoss(), method="backpack")
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3))
+    tied[2].weight = tied[0].weight
+    with pytest.raises(ValueError, match="shares a parameter"):
+        DiagGGN(tied, nn.MSELoss(), method="backpack")
     with pytest.raises(ValueError, match="in-place"):
         DiagGGN(nn.Sequential(nn.Linear(3, 3), nn.ReLU(inplace=True)), nn.MSELoss(),
                 method="backpack")

@@ -68,9 +68,11 @@ def backpack_model_problem(model: nn.Module) -> str | None:
     BackPACK backpropagates through module hooks only, so the forward pass must be a composition of
     known modules: any other module (a custom ``forward`` with functional operations, a skip
     connection) would be invisible to it. A module called twice would overwrite the inputs BackPACK
-    stores on it, and an in-place activation breaks its hooks.
+    stores on it, a parameter shared by two modules would get only one of their diagonals, and an
+    in-place activation breaks its hooks.
     """
     seen: set[int] = set()
+    owned: set[int] = set()
     for name, module in model.named_modules(remove_duplicate=False):
         label = f"{name or type(model).__name__!r} ({type(module).__name__})"
         if isinstance(module, nn.Sequential):
@@ -87,6 +89,10 @@ def backpack_model_problem(model: nn.Module) -> str | None:
             return f"module {label} is in-place"
         if isinstance(getattr(module, "padding", None), str):
             return f"module {label} has string padding {module.padding!r}"
+        for p in module.parameters(recurse=False):
+            if id(p) in owned:
+                return f"module {label} shares a parameter with another module (weight tying)"
+            owned.add(id(p))
     return None
 
 

@@ -86,10 +86,22 @@ def _block_tensors(group: list[Tensor], d_out: int, d_cols: int,
     return placed
 
 
+def _block_vector(estimate: CurvatureEstimate, placed: list[tuple[Tensor, slice]],
+                  matrix: Tensor) -> Vector:
+    """A d_out × d_in' matrix of one block ([W | b] layout) as a parameter-aligned vector that is
+    zero outside the block."""
+    out = [torch.zeros_like(p) for p in estimate.partition.parameters]
+    position = {id(p): i for i, p in enumerate(estimate.partition.parameters)}
+    for p, cols in placed:
+        out[position[id(p)]] = matrix[:, cols].reshape(p.shape).to(p.dtype)
+    return out
+
+
 def _kronecker_bases(estimate: CurvatureEstimate, name: str, entry: dict[str, Tensor],
-                     diagonal: Tensor) -> tuple[Tensor, Tensor]:
+                     placed: list[tuple[Tensor, slice]]) -> tuple[Tensor, Tensor]:
     """(U_out, U_in) of a block, told apart by their sizes, or by one product when both are
     square of the same size (``factors()`` names the factors after the method, not by role)."""
+    diagonal = entry["diagonal"]
     d_out, d_cols = diagonal.shape
     bases = [v for key, v in entry.items() if key.startswith("eigvecs_")]
     if len(bases) != 2:
@@ -98,17 +110,11 @@ def _kronecker_bases(estimate: CurvatureEstimate, name: str, entry: dict[str, Te
     first, second = bases
     if d_out != d_cols:
         return (first, second) if first.shape[0] == d_out else (second, first)
-    part = estimate.partition
-    subset = part.names.index(name)
-    placed = _block_tensors(part.groups[subset], d_out, d_cols, name)
     probe = torch.randn(d_out, d_cols, dtype=diagonal.dtype, device=diagonal.device,
                         generator=torch.Generator(device=diagonal.device).manual_seed(0))
-    vector = [torch.zeros_like(p) for p in part.parameters]
-    index = {id(p): i for i, p in enumerate(part.parameters)}
-    for p, cols in placed:
-        vector[index[id(p)]] = probe[:, cols].reshape(p.shape).to(p.dtype)
-    product = estimate.matvec(vector)
-    actual = torch.cat([product[index[id(p)]].reshape(d_out, -1) for p, _ in placed], dim=1)
+    product = estimate.matvec(_block_vector(estimate, placed, probe))
+    position = {id(p): i for i, p in enumerate(estimate.partition.parameters)}
+    actual = torch.cat([product[position[id(p)]].reshape(d_out, -1) for p, _ in placed], dim=1)
     for out_basis, in_basis in ((first, second), (second, first)):
         expected = out_basis @ ((out_basis.T @ probe @ in_basis) * diagonal) @ in_basis.T
         if torch.allclose(actual.to(expected.dtype), expected, rtol=1e-5,
@@ -140,14 +146,13 @@ def kronecker_spectrum(estimate: CurvatureEstimate) -> StructuredSpectrum:
     if list(factors) != part.names:
         raise ValueError(f"factors() covers modules {list(factors)}, the partition "
                          f"{part.names}: cannot read the spectrum off the factors.")
-    index = {id(p): i for i, p in enumerate(part.parameters)}
     values: list[Tensor] = []
     blocks: list[_KroneckerBlock] = []
     start = 0
-    for subset, (name, entry) in enumerate(factors.items()):
+    for group, (name, entry) in zip(part.groups, factors.items()):
         diagonal = entry["diagonal"]
-        out_basis, in_basis = _kronecker_bases(estimate, name, entry, diagonal)
-        placed = _block_tensors(part.groups[subset], *diagonal.shape, name)
+        placed = _block_tensors(group, *diagonal.shape, name)
+        out_basis, in_basis = _kronecker_bases(estimate, name, entry, placed)
         blocks.append(_KroneckerBlock(start, diagonal.shape[1], out_basis, in_basis, placed))
         values.append(diagonal.reshape(-1))
         start += diagonal.numel()
@@ -157,10 +162,7 @@ def kronecker_spectrum(estimate: CurvatureEstimate) -> StructuredSpectrum:
         block = blocks[int(np.searchsorted(starts, i, side="right")) - 1]
         row, col = divmod(i - block.start, block.d_cols)
         matrix = torch.outer(block.out_basis[:, row], block.in_basis[:, col])  # u_out u_inᵀ
-        out = [torch.zeros_like(p) for p in part.parameters]
-        for p, cols in block.placed:
-            out[index[id(p)]] = matrix[:, cols].reshape(p.shape).to(p.dtype)
-        return out
+        return _block_vector(estimate, block.placed, matrix)
 
     return StructuredSpectrum(torch.cat(values).to(part.dtype), vector)
 
