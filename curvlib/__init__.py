@@ -11,6 +11,7 @@ from curvlib.estimate import CurvatureEstimate
 from curvlib.exact import ExactGGN, ExactHessian
 from curvlib.kron import EKFAC, KFAC, TEKFAC, TKFAC
 from curvlib.partition import Partition
+from curvlib.partitioned import PartitionedDerivatives, partitioned_derivatives
 
 __all__ = [
     "EKFAC",
@@ -23,5 +24,7 @@ __all__ = [
     "ExactGGN",
     "ExactHessian",
     "Partition",
+    "PartitionedDerivatives",
+    "partitioned_derivatives",
 ]
 __version__ = "0.1.0"
