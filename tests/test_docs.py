@@ -31,6 +31,7 @@ API_MODULES = {
     "curvlib.diagnostics": "diagnostics",
     "curvlib.testing": "testing",
     "curvlib.kron": "kron",
+    "curvlib.partitioned": "partitioned",
 }
 BUILD_TIMEOUT_S = 120
 # Pages that other pages already link to but that are still being written. While one is missing,
