@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from curvlib import ExactGGN, Partition
+from curvlib import EKFAC, KFAC, TEKFAC, TKFAC, ExactGGN, Partition
 from curvlib.estimate import CurvatureEstimate
 from curvlib.optim import NaturalGradient
 
@@ -197,8 +197,23 @@ def exact_ggn(model: Classifier, loss_fn: nn.Module) -> CurvatureEstimate:
     return ExactGGN(model, loss_fn, linear_partition(model))
 
 
+def kronecker(
+    cls: type[KFAC], fisher: str
+) -> Callable[[Classifier, nn.Module], CurvatureEstimate]:
+    def build(model: Classifier, loss_fn: nn.Module) -> CurvatureEstimate:
+        return cls(model, loss_fn, fisher=fisher, include=[model.fc1, model.fc2])
+
+    return build
+
+
+# Every Kronecker method, and every Fisher type at least once.
 ESTIMATES: dict[str, Callable[[Classifier, nn.Module], CurvatureEstimate]] = {
     "ExactGGN": exact_ggn,
+    "KFAC-mc": kronecker(KFAC, "mc"),
+    "KFAC-empirical": kronecker(KFAC, "empirical"),
+    "EKFAC-empirical": kronecker(EKFAC, "empirical"),
+    "TKFAC-type2": kronecker(TKFAC, "type2"),
+    "TEKFAC-mc": kronecker(TEKFAC, "mc"),
 }
 
 
@@ -261,7 +276,7 @@ def restore(blob: bytes, model: nn.Module, opt: NaturalGradient) -> None:
     torch.set_rng_state(state["rng"])
 
 
-@pytest.mark.parametrize("name", ["ExactGGN"])
+@pytest.mark.parametrize("name", list(ESTIMATES))
 def test_resume_from_state_dict_is_bit_for_bit(name: str) -> None:
     batches = [classification_batch(seed) for seed in range(8)]
     model, opt, loss_fn = make_run(name)
@@ -304,6 +319,23 @@ def test_fallback_matches_torch_optimizer(
         torch.testing.assert_close(p.detach(), twin.detach(), rtol=1e-6, atol=1e-7)
 
 
+def test_damping_mode_is_passed_to_the_estimate() -> None:
+    """K-FAC's factored π-damping (Martens & Grosse §6.3): the step is −lr·solve(g, λ, "pi")."""
+    torch.manual_seed(0)
+    model, loss_fn = Classifier(), nn.CrossEntropyLoss()
+    x, y = classification_batch()
+    estimate = kronecker(KFAC, "type2")(model, loss_fn)
+    opt = NaturalGradient(model.parameters(), estimate, lr=0.5, damping=0.1, damping_mode="pi")
+    start = [p.detach().clone() for p in estimate.partition.parameters]
+    train(model, opt, loss_fn, [(x, y)])
+    grads = [p.grad for p in estimate.partition.parameters]
+    expected = estimate.solve(grads, 0.1, damping_mode="pi")
+    tikhonov = estimate.solve(grads, 0.1)
+    assert not torch.allclose(expected[0], tikhonov[0])  # the mode must matter here
+    for p, p0, d in zip(estimate.partition.parameters, start, expected):
+        torch.testing.assert_close(p.detach(), p0 - 0.5 * d)
+
+
 GOOD: dict[str, Any] = {"lr": 0.1, "damping": 0.1}
 
 
@@ -323,6 +355,7 @@ GOOD: dict[str, Any] = {"lr": 0.1, "damping": 0.1}
         ({"refresh_every": 0}, "refresh_every must be"),
         ({"fallback": "rmsprop"}, "fallback must be"),
         ({"fallback_lr": -1.0}, "fallback_lr must be"),
+        ({"damping_mode": "pi"}, "damping_mode must be one of ExactGGN"),
         ({"betas": (0.9, 1.0)}, "betas must be"),
         ({"eps": 0.0}, "eps must be"),
     ],

@@ -94,6 +94,10 @@ class NaturalGradient(torch.optim.Optimizer):
             per group; also the momentum of the ``"sgd"`` fallback.
         weight_decay: ω ≥ 0 (default 0), per group, added to the gradient before preconditioning.
         kl_clip: KL-clipping radius κ > 0; ``None`` (default) disables clipping.
+        damping_mode: passed to ``estimate.solve`` for estimates that offer several ways of
+            damping (``estimate.damping_modes``, e.g. K-FAC's factored ``"pi"`` damping of
+            Martens & Grosse §6.3); ``None`` (default) uses the estimate's default, the exact
+            Tikhonov (C + λI)⁻¹.
         stat_every: statistics are gathered on steps k with k % stat_every == 0 (default 1).
         refresh_every: ``estimate.refresh()`` runs on steps k with k % refresh_every == 0
             (default 1: every step uses eigenbases of the latest statistics).
@@ -119,6 +123,7 @@ class NaturalGradient(torch.optim.Optimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         kl_clip: float | None = None,
+        damping_mode: str | None = None,
         stat_every: int = 1,
         refresh_every: int = 1,
         fallback: str = "sgd",
@@ -134,6 +139,13 @@ class NaturalGradient(torch.optim.Optimizer):
             _check_number(damping, "damping", 0.0)
         if kl_clip is not None:
             _check_number(kl_clip, "kl_clip", 0.0, low_inclusive=False)
+        if damping_mode is not None:
+            modes = getattr(estimate, "damping_modes", ())
+            if damping_mode not in modes:
+                raise ValueError(
+                    f"damping_mode must be one of {type(estimate).__name__}'s damping_modes "
+                    f"{tuple(modes)}, got {damping_mode!r}."
+                )
         _check_period(stat_every, "stat_every")
         _check_period(refresh_every, "refresh_every")
         if fallback not in FALLBACKS:
@@ -141,6 +153,8 @@ class NaturalGradient(torch.optim.Optimizer):
         self.estimate = estimate
         self.damping = damping
         self.kl_clip = kl_clip
+        # Only estimates with several modes take the keyword; the others get none.
+        self._solve_options = {} if damping_mode is None else {"damping_mode": damping_mode}
         self.stat_every = stat_every
         self.refresh_every = refresh_every
         self.fallback = fallback
@@ -303,7 +317,7 @@ class NaturalGradient(torch.optim.Optimizer):
             if group["weight_decay"] != 0:
                 grad = grad.add(p, alpha=group["weight_decay"])
             grads.append(grad)
-        direction = self.estimate.solve(grads, self._current_damping())
+        direction = self.estimate.solve(grads, self._current_damping(), **self._solve_options)
         scale = 1.0
         if self.kl_clip is not None:
             predicted = sum(
