@@ -329,7 +329,7 @@ def test_bad_loss_or_model_raises(method: str) -> None:
     with pytest.raises(ValueError, match="loss of this batch is not finite"):
         partitioned_derivatives(model, loss_fn, x_bad, y, u, method=method)
     x_bad[0, 0] = float("inf")  # tanh saturates: a finite loss, but 0·inf in its derivatives
-    with pytest.raises(ValueError, match="g is not finite"):
+    with pytest.raises(ValueError, match="g, H, D not finite"):
         partitioned_derivatives(model, loss_fn, x_bad, y, u, method=method)
     with pytest.raises(ValueError, match="scalar"):
         partitioned_derivatives(model, nn.CrossEntropyLoss(reduction="none"), x, y, u,

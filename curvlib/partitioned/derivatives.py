@@ -32,14 +32,16 @@ Two engines run this algorithm:
 * ``method="batched"``: ``torch.func`` transforms of φ, vmapped over rows (or sorted (i, j) pairs),
   ``chunk_size`` at a time (``None``: all at once). A vmapped pass carries every lane of its chunk
   through the union of their graphs, pruned only to the subsets from the chunk's first row on, so
-  it does more arithmetic than the loop (about 3× for H̄ on a 3-layer MLP with S = all rows at
-  once) in far fewer, larger kernels: it wins where per-kernel overhead dominates (small models,
-  accelerators) and loses where the arithmetic does (``docs/performance.md``). Memory grows with
-  the chunk: each lane keeps its own second-order graph.
+  it does more arithmetic than the loop — counted on an MLP 784-512-512-10 with S = 6, all rows at
+  once: 3.2× for H̄, 5× for H̄ with diag D̄ — in fewer, larger kernels. Memory grows with the
+  chunk: each lane keeps its own second-order graph. On CPU it was not faster than the loop in
+  any of our measurements (``docs/performance.md``), tiny models included; it is there for
+  accelerators, where fewer kernel launches can outweigh the extra arithmetic.
 
 The forward-over-reverse form of ``research/wolinski.md`` §2.4 (H̄ = jacfwd(∇φ), D̄_iii by nested
-jvp) is exact too but measured slower than either engine on CPU (it propagates tangents through
-the forward pass that reverse mode never needs), so it is not offered.
+jvp) is exact too, but it propagates tangents through the forward pass that reverse mode never
+needs: on the same MLP it counted 3.3× the loop's arithmetic for H̄ and 7.7× for H̄ with diag D̄,
+so it is not offered.
 """
 
 from __future__ import annotations
@@ -251,7 +253,7 @@ class _Problem:
         for k, gr in enumerate(grads, start=self.start[first]):
             if gr is not None:
                 s = self.subset_of[k] - first
-                out[s] = out[s] + torch.sum(gr * self.u[k])
+                out[s] = out[s] + torch.dot(gr.reshape(-1), self.u[k].reshape(-1))
         return out
 
     def check_loss(self, loss: Tensor) -> None:
@@ -263,7 +265,11 @@ class _Problem:
 
 
 def _check_direction(partition: Partition, direction: Sequence[Tensor]) -> list[Tensor]:
-    """The direction aligned with the partition, detached, in the parameters' dtypes."""
+    """The direction aligned with the partition, detached, in the parameters' dtypes.
+
+    Non-finite entries are diagnosed only when the results are not finite (they always propagate
+    into ḡ), so that the common case pays no extra pass over the P entries.
+    """
     direction = partition.check_vector(direction, "direction")
     out = []
     for i, (u, p) in enumerate(zip(direction, partition.parameters)):
@@ -273,10 +279,22 @@ def _check_direction(partition: Partition, direction: Sequence[Tensor]) -> list[
         if u.device != p.device:
             raise ValueError(f"direction[{i}] ({name!r}) is on {u.device} but its parameter is "
                              f"on {p.device}.")
-        if not bool(torch.isfinite(u).all()):
-            raise ValueError(f"direction[{i}] ({name!r}) has non-finite entries.")
         out.append(u.detach().to(p.dtype))
     return out
+
+
+def _check_results(partition: Partition, direction: list[Tensor],
+                   results: dict[str, Tensor | None]) -> None:
+    """Name the cause of non-finite results: a direction tensor, or the derivatives themselves."""
+    if all(v is None or bool(torch.isfinite(v).all()) for v in results.values()):
+        return
+    for i, u in enumerate(direction):
+        if not bool(torch.isfinite(u).all()):
+            raise ValueError(f"direction[{i}] ({partition.parameter_names[i]!r}) has non-finite "
+                             "entries.")
+    bad = [name for name, v in results.items() if v is not None and not torch.isfinite(v).all()]
+    raise ValueError(f"partitioned_derivatives: {', '.join(bad)} not finite (the loss is finite "
+                     "but its derivatives overflow).")
 
 
 def _check_deterministic(model: nn.Module) -> None:
@@ -304,7 +322,7 @@ def _loop(problem: _Problem, order: int, third: Third
           ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The reference algorithm (``research/wolinski.md`` §2.2), one pruned pass per row/pair."""
     S, start = problem.size, problem.start
-    leaves = [t.clone().requires_grad_(True) for t in problem.theta]
+    leaves = [t.detach().requires_grad_(True) for t in problem.theta]  # fresh leaves, no copy
     loss = problem.loss(leaves)
     problem.check_loss(loss)
     g = problem.contract(_grad(loss, leaves, create_graph=order > 1), 0)
@@ -505,9 +523,6 @@ def partitioned_derivatives(
             g, H, D = _loop(problem, order, third)
         else:
             g, H, D = _batched(problem, order, third, chunk_size)
-    for name, value in (("g", g), ("H", H), ("D", D)):
-        if value is not None and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"partitioned_derivatives: {name} is not finite (the loss is finite "
-                             "but its derivatives overflow).")
+    _check_results(partition, u, {"g": g, "H": H, "D": D})
     return PartitionedDerivatives(g=g, H=H, D=D)
 
