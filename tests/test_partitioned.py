@@ -259,6 +259,33 @@ def test_results_detached_in_parameter_dtype_and_model_untouched() -> None:
     assert_close(pd.H, ref.H, rtol=1e-5, what="float32 H")
 
 
+class WithUnused(nn.Module):
+    """An MLP plus a layer the forward never calls: its subset has zero derivatives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Linear(2, 2)
+        self.body = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+def test_unused_parameters_give_zero_entries() -> None:
+    torch.manual_seed(0)
+    model = WithUnused().double()
+    _, loss_fn, x, y = make_case("mlp", batch=4)
+    partition = Partition.by_module(model)
+    u = random_direction(partition)
+    for method in ("loop", "batched"):
+        pd = partitioned_derivatives(model, loss_fn, x, y, u, partition, third="full",
+                                     method=method)
+        assert pd.g[0] == 0 and torch.count_nonzero(pd.H[0]) == 0
+        assert torch.count_nonzero(pd.D[0]) == 0 and torch.count_nonzero(pd.D[1:, 1:, 1:]) > 0
+        expected = dense_projected_hessian(model, loss_fn, x, y, partition, u)
+        assert_close(pd.H, expected, rtol=1e-10, atol=1e-13, what=f"H with unused {method}")
+
+
 def test_default_partition_is_by_tensor() -> None:
     model, loss_fn, x, y = make_case("mlp", batch=4)
     u = random_direction(Partition.by_tensor(model))

@@ -327,12 +327,12 @@ def _loop(problem: _Problem, order: int, third: Third
     problem.check_loss(loss)
     g = problem.contract(_grad(loss, leaves, create_graph=order > 1), 0)
     if order == 1:
-        return _detach(g), None, None
+        return _stack(g), None, None
     H = torch.zeros(S, S, dtype=loss.dtype, device=loss.device)
     D = torch.zeros((S,) if third == "diag" else (S, S, S), dtype=loss.dtype, device=loss.device)
     for i in range(S):
         row = problem.contract(_grad(g[i], leaves[start[i]:], create_graph=order > 2), i)
-        H[i, i:] = _detach(row)
+        H[i, i:] = _stack(row)
         if order < 3:
             continue
         if third == "diag":
@@ -341,13 +341,14 @@ def _loop(problem: _Problem, order: int, third: Third
         else:
             for j in range(i, S):
                 tail = _grad(row[j - i], leaves[start[j]:], create_graph=False)
-                D[i, j, j:] = _detach(problem.contract(tail, j))
+                D[i, j, j:] = _stack(problem.contract(tail, j))
     if order < 3:
-        return _detach(g), _mirror2(H), None
-    return _detach(g), _mirror2(H), (D if third == "diag" else _mirror3(D))
+        return _stack(g), _mirror2(H), None
+    return _stack(g), _mirror2(H), (D if third == "diag" else _mirror3(D))
 
 
-def _detach(values: list[Tensor]) -> Tensor:
+def _stack(values: list[Tensor]) -> Tensor:
+    """Detached S-vector of separate scalars."""
     return torch.stack(values).detach()
 
 
@@ -391,10 +392,10 @@ def _batched(problem: _Problem, order: int, third: Third, chunk_size: int | None
             D[idx] = third_row[0][torch.arange(len(part)), rows].detach()
         elif order == 3:
             D[idx, cols + first, first:] = third_row[0].detach()
-    H = _mirror2(torch.triu(H))
+    H = _mirror2(H)
     if order < 3:
         return g, H, None
-    return g, H, (D if third == "diag" else _mirror3(_sorted_part(D)))
+    return g, H, (D if third == "diag" else _mirror3(D))
 
 
 def _phi(problem: _Problem, first: int) -> Callable[[Tensor], Tensor]:
@@ -441,15 +442,9 @@ def _mirror2(upper: Tensor) -> Tensor:
     return upper + torch.triu(upper, 1).T
 
 
-def _sorted_part(D: Tensor) -> Tensor:
-    """Zero every entry of D except the sorted ones D[i, j, k], i ≤ j ≤ k."""
-    S = D.shape[0]
-    i, j, k = torch.meshgrid(*(torch.arange(S, device=D.device),) * 3, indexing="ij")
-    return torch.where((i <= j) & (j <= k), D, torch.zeros_like(D))
-
-
 def _mirror3(sorted_entries: Tensor) -> Tensor:
-    """The symmetric S×S×S tensor whose entry (i, j, k) is sorted_entries at sort(i, j, k)."""
+    """The symmetric S×S×S tensor whose entry (i, j, k) is sorted_entries at sort(i, j, k) (only
+    the entries i ≤ j ≤ k of the argument are read)."""
     S = sorted_entries.shape[0]
     grid = torch.stack(torch.meshgrid(*(torch.arange(S, device=sorted_entries.device),) * 3,
                                       indexing="ij"))
