@@ -197,10 +197,51 @@ def test_eigenbasis_squares_routes_agree(t: int) -> None:
         assert_close(got, expected, rtol=1e-12, what=f"T={t}")
 
 
-def test_sequence_type2_splits_terms() -> None:
-    """Type-2 vectors are split per loss term, so one datum of a sequence model gives exactly
-    its GGN's trace (K = C would add cross-term products to EKFAC's diagonal)."""
+def test_sequence_type2_per_term_splits_terms() -> None:
+    """type2_columns="per_term" splits the type-2 vectors per loss term, so one datum of a
+    sequence model gives exactly its GGN's trace (K = C would add cross-term products to EKFAC's
+    diagonal)."""
     model, loss_fn, x, y = make_case("sequence", "mse", "sum", batch=1)
-    estimate = fitted(EKFAC, model, loss_fn, [(x, y)], fisher="type2")
+    estimate = fitted(EKFAC, model, loss_fn, [(x, y)], fisher="type2", type2_columns="per_term")
     reference = dense_ggn(model, loss_fn, x, y, estimate.partition)
     assert_close(estimate.trace(), torch.trace(reference), rtol=1e-10, what="trace")
+    joint = fitted(EKFAC, model, loss_fn, [(x, y)], fisher="type2")
+    assert abs(float(joint.trace() - torch.trace(reference))) > 1e-6
+
+
+class TokenMixer(nn.Module):
+    """Per-token Linear layers with a causal running sum over tokens in between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.embed(x)).cumsum(dim=1)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_type2_joint_columns_equal_per_term_when_positions_do_not_mix(loss: str) -> None:
+    """K-FAC's G from the C joint columns, Σ_c (Σ_r J_rᵀ s_rc)(·)ᵀ, equals the per-term split when
+    J_{t,r} = 0 for r ≠ t (per-token layers), and differs by the cross terms when tokens mix."""
+    model, loss_fn, x, y = make_case("sequence", loss, "mean", batch=3)
+    for method in (KFAC, TEKFAC):
+        joint = fitted(method, model, loss_fn, [(x, y)], fisher="type2")
+        split = fitted(method, model, loss_fn, [(x, y)], fisher="type2",
+                       type2_columns="per_term")
+        for layer, f in joint.factors().items():
+            name = "G" if method is KFAC else "Psi_raw"
+            assert_close(f[name], split.factors()[layer][name], rtol=1e-10, what=name)
+    torch.manual_seed(0)
+    mixer = TokenMixer().double()
+    loss_fn = nn.CrossEntropyLoss()
+    y = torch.randint(0, 3, (3, 4))
+    joint = fitted(KFAC, mixer, loss_fn, [(x, y)], fisher="type2")
+    split = fitted(KFAC, mixer, loss_fn, [(x, y)], fisher="type2", type2_columns="per_term")
+    assert_close(joint.factors()["head"]["G"], split.factors()["head"]["G"], rtol=1e-10,
+                 what="G after the mixing")
+    difference = joint.factors()["embed"]["G"] - split.factors()["embed"]["G"]
+    assert float(difference.abs().max()) > 1e-6
+    with pytest.raises(ValueError, match="type2_columns"):
+        KFAC(mixer, loss_fn, fisher="type2", type2_columns="columns")  # type: ignore[arg-type]

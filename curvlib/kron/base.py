@@ -59,7 +59,14 @@ from torch.utils.hooks import RemovableHandle
 from curvlib.capture import LayerCall, LayerCapture, supported_layers
 from curvlib.estimate import CurvatureEstimate, check_damping
 from curvlib.exact.base import as_args, check_no_training_batchnorm
-from curvlib.kron.collect import LayerData, StepData, backprop_vectors, step_data
+from curvlib.kron.collect import (
+    TYPE2_COLUMNS,
+    LayerData,
+    StepData,
+    Type2Columns,
+    backprop_vectors,
+    step_data,
+)
 from curvlib.kron.eigen import eigenbasis_squares, eigh_psd
 from curvlib.kron.layout import LayerLayout
 from curvlib.kron.statistics import CurvatureWeights, FactorStatistics, RunningSum
@@ -146,6 +153,11 @@ class KroneckerEstimate(CurvatureEstimate):
         dtype: the dtype of the statistics (default: float32, or float64 for a float64 model);
             at least float32.
         seed: seed of the MC target draws (default: drawn from torch's global generator).
+        type2_columns: for ``fisher="type2"`` with several loss terms per example,
+            ``"joint"`` (default) backpropagates the C loss-Hessian square-root columns of all
+            terms at once (exact when positions do not mix, the K-FAC-expand approximation
+            otherwise); ``"per_term"`` splits them per term (R·C vectors, the exact GGN
+            factors, R× the cost). See :mod:`curvlib.kron.collect`.
 
     Attributes:
         partition: :meth:`Partition.by_module` over the covered modules.
@@ -169,9 +181,14 @@ class KroneckerEstimate(CurvatureEstimate):
         include: Sequence[nn.Module] | None = None,
         dtype: torch.dtype | None = None,
         seed: int | None = None,
+        type2_columns: Type2Columns = "joint",
     ) -> None:
         name = type(self).__name__
         check_fisher_type(fisher)
+        if type2_columns not in TYPE2_COLUMNS:
+            raise ValueError(
+                f"{name}: type2_columns must be one of {TYPE2_COLUMNS}, got {type2_columns!r}."
+            )
         if weight_sharing not in ("expand", "reduce"):
             raise ValueError(
                 f"{name}: weight_sharing must be 'expand' or 'reduce', got {weight_sharing!r}."
@@ -186,6 +203,7 @@ class KroneckerEstimate(CurvatureEstimate):
         self.loss = LossFunction(loss_fn)
         self.fisher: FisherType = fisher
         self.mc_samples = mc_samples
+        self.type2_columns: Type2Columns = type2_columns
         self.weight_sharing: WeightSharing = weight_sharing
         self.ema_decay = None if ema_decay is None else float(ema_decay)
         self.modules: dict[str, nn.Module] = supported_layers(model, include)
@@ -399,7 +417,8 @@ class KroneckerEstimate(CurvatureEstimate):
         generator = torch.Generator(device=outputs.device)
         generator.manual_seed(seed)
         vectors = backprop_vectors(
-            self.loss, self.fisher, outputs.detach(), targets, self.mc_samples, generator
+            self.loss, self.fisher, outputs.detach(), targets, self.mc_samples, generator,
+            self.type2_columns,
         )
         grads = capture.grad_outputs(outputs, vectors, batched=True)
         c = self.loss.reduction_factor(outputs.detach(), targets)
@@ -583,6 +602,7 @@ class KroneckerEstimate(CurvatureEstimate):
             "method": type(self).__name__,
             "fisher": self.fisher,
             "mc_samples": self.mc_samples,
+            "type2_columns": self.type2_columns,
             "weight_sharing": self.weight_sharing,
             "ema_decay": self.ema_decay,
             "reduction": self.loss.reduction,

@@ -10,14 +10,23 @@ A Kronecker estimate reads every covered layer as z_{n,t} = W ā_{n,t} at T shar
   *unreduced* loss) along K backpropagated vectors s_k (§1.3), so that the curvature of the
   user's loss is c · Σ_{n,k} u_{n,k} u_{n,k}ᵀ with u_{n,k} = vec(Σ_t g_{n,t,k} ā_{n,t}ᵀ).
 
-The vectors s_k depend on the Fisher type (:func:`backprop_vectors`). For the type-2 Fisher with
-R > 1 loss terms per example (sequence or dense outputs) the Hessian square root is split *per
-term*: K = R·C vectors, vector (r, j) carrying column j of term r's square root and zeros on the
-other terms. Backpropagating one column for all terms at once (K = C) would add the spurious
-products s_{j,r} s_{j,r'}ᵀ between different terms r ≠ r' of an example, which are not part of
-the loss Hessian (it is block-diagonal over terms); the split keeps Σ_k u_{n,k}u_{n,k}ᵀ equal to
-example n's exact GGN. MC vectors need no split: their samples are independent across terms, so
-the cross products vanish in expectation.
+The vectors s_k depend on the Fisher type (:func:`backprop_vectors`). For the type-2 Fisher the
+C columns s_c of the loss-Hessian square root (``LossFunction.hessian_sqrt``, every term at once)
+are backpropagated either
+
+* ``"joint"`` (default; curvlinops, ASDL): K = C vectors, column c of *every* term in one vector.
+  With J_{t,r} the Jacobian of term r's output w.r.t. position t of a layer output, the layer sees
+  g_{t,c} = Σ_r J_{t,r}ᵀ s_{r,c} and Σ_c g_{t,c} g_{t',c}ᵀ = Σ_{r,r'} J_{t,r}ᵀ (Σ_c s_{r,c}
+  s_{r',c}ᵀ) J_{t',r'}. The exact GGN keeps only r = r' (the loss Hessian is block-diagonal over
+  terms); the cross terms r ≠ r' vanish whenever J_{t,r} = 0 for r ≠ t, i.e. when positions do
+  not mix (per-token layers after the last mixing, the expand setting), and are the standard
+  K-FAC-expand approximation otherwise; or
+* ``"per_term"``: the square root split per term, K = R·C vectors, vector (r, c) holding column c
+  of term r's square root and zeros on the other terms, so that Σ_k u_{n,k}u_{n,k}ᵀ is example n's
+  exact GGN for any model (EKFAC/TEKFAC per-example gradients included), at R× the cost.
+
+MC vectors need no split: their samples are independent across terms, so the cross products
+vanish in expectation.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -32,6 +42,9 @@ from torch import Tensor
 from curvlib.capture import LayerCall, layer_inputs, output_rows
 from curvlib.kron.layout import LayerLayout
 from curvlib.losses import FisherType, LossFunction, check_finite
+
+Type2Columns = Literal["joint", "per_term"]
+TYPE2_COLUMNS: tuple[str, ...] = ("joint", "per_term")
 
 
 @dataclass
@@ -61,7 +74,7 @@ def term_shape(loss: LossFunction, outputs: Tensor) -> tuple[int, ...]:
 
 
 def type2_vectors(loss: LossFunction, outputs: Tensor, targets: Tensor | None) -> Tensor:
-    """[R·C, *outputs.shape]: the loss Hessian square root split per loss term (see above)."""
+    """[R·C, *outputs.shape]: the loss Hessian square root split per loss term (``"per_term"``)."""
     columns = loss.hessian_sqrt(outputs, targets)  # [C, *outputs.shape], all terms at once
     terms = term_shape(loss, outputs)
     num_terms = math.prod(terms)
@@ -83,9 +96,10 @@ def backprop_vectors(
     targets: Tensor | None,
     mc_samples: int,
     generator: torch.Generator,
+    type2_columns: Type2Columns = "joint",
 ) -> Tensor:
     """The K vectors s_k of a Fisher type ([K, *outputs.shape]) for the unreduced loss Σ ℓ."""
-    if fisher == "type2":
+    if fisher == "type2" and type2_columns == "per_term":
         return type2_vectors(loss, outputs, targets)
     return loss.backprop_vectors(fisher, outputs, targets, mc_samples, generator)
 

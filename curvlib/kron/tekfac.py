@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlib.kron.base import KroneckerEstimate, WeightSharing
+from curvlib.kron.collect import Type2Columns
 from curvlib.kron.statistics import CurvatureWeights, FactorStatistics, TKFACStatistics
 from curvlib.losses import FisherType
 
@@ -54,9 +55,10 @@ class TEKFAC(KroneckerEstimate):
         dtype: torch.dtype | None = None,
         seed: int | None = None,
         trace_floor: float = 0.0,
+        type2_columns: Type2Columns = "joint",
     ) -> None:
         super().__init__(model, loss_fn, fisher, mc_samples, weight_sharing, ema_decay,
-                         include=include, dtype=dtype, seed=seed)
+                         include=include, dtype=dtype, seed=seed, type2_columns=type2_columns)
         if not float(trace_floor) >= 0.0:
             raise ValueError(f"TEKFAC: trace_floor must be ≥ 0, got {trace_floor!r}.")
         self.trace_floor = float(trace_floor)
