@@ -133,6 +133,34 @@ def _detach(value: Any) -> Any:
     return value
 
 
+def _grad_outputs(
+    capture: LayerCapture, outputs: Tensor, vectors: Tensor
+) -> dict[str, list[Tensor]]:
+    """[K, *output.shape] gradients of ⟨outputs, s_k⟩ w.r.t. every recorded layer output.
+
+    Only the layer outputs are differentiated (no parameter gradients) and the graph is kept.
+    K = 1 (MC with one sample, empirical) is a plain backward; K > 1 one vmapped backward
+    (``is_grads_batched``). A layer output that does not reach ``outputs`` gets zeros.
+    """
+    items = capture.outputs()
+    targets = [call.output for _, call in items]
+    if vectors.shape[0] == 1:
+        raw = torch.autograd.grad(outputs, targets, grad_outputs=vectors[0], retain_graph=True,
+                                  allow_unused=True)
+        grads = [None if g is None else g.unsqueeze(0) for g in raw]
+    else:
+        grads = list(torch.autograd.grad(outputs, targets, grad_outputs=vectors,
+                                         retain_graph=True, is_grads_batched=True,
+                                         allow_unused=True))
+    result: dict[str, list[Tensor]] = {name: [] for name in capture.calls}
+    for (name, call), grad in zip(items, grads):
+        if grad is None:
+            grad = torch.zeros(vectors.shape[0], *call.output.shape, dtype=call.output.dtype,
+                               device=call.output.device)
+        result[name].append(grad.detach())
+    return result
+
+
 class KroneckerEstimate(CurvatureEstimate):
     """Block-diagonal Kronecker-factored curvature over the supported layers of a model.
 
@@ -420,7 +448,7 @@ class KroneckerEstimate(CurvatureEstimate):
             self.loss, self.fisher, outputs.detach(), targets, self.mc_samples, generator,
             self.type2_columns,
         )
-        grads = capture.grad_outputs(outputs, vectors, batched=True)
+        grads = _grad_outputs(capture, outputs, vectors)
         c = self.loss.reduction_factor(outputs.detach(), targets)
         return step_data(self.layouts, capture.calls, grads, c, outputs.shape[0], self.dtype)
 
@@ -434,9 +462,18 @@ class KroneckerEstimate(CurvatureEstimate):
         return data.inputs.mean(dim=1), data.grads.sum(dim=2)
 
     def _fold(self, step: StepData, step_id: int | None = None) -> None:
+        # All layers' batch statistics first, checked, then added: a non-finite input or
+        # gradient row makes its statistics non-finite (every row adds its squares to a diagonal)
+        # and leaves every running statistic untouched.
+        batches = {}
         for layer, stats in self._stats.items():
             inputs, grads = self._rows(layer, step)
-            stats.fold(inputs, grads, step.scale, step.num_examples)
+            batches[layer] = stats.batch(inputs, grads, step.scale, step.num_examples)
+            for numerator, _ in batches[layer].values():
+                check_finite(numerator, f"The statistics of module {layer!r} (from its inputs "
+                             "and backpropagated gradients)")
+        for layer, stats in self._stats.items():
+            stats.fold(batches[layer])
         self._version += 1
         if self.refits_diagonal:
             self._last = step

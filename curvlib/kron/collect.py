@@ -41,7 +41,7 @@ from torch import Tensor
 
 from curvlib.capture import LayerCall, layer_inputs, output_rows
 from curvlib.kron.layout import LayerLayout
-from curvlib.losses import FisherType, LossFunction, check_finite
+from curvlib.losses import FisherType, LossFunction
 
 Type2Columns = Literal["joint", "per_term"]
 TYPE2_COLUMNS: tuple[str, ...] = ("joint", "per_term")
@@ -112,23 +112,32 @@ def layer_data(
 ) -> LayerData:
     """Rows of one layer from its recorded calls and their [K, *output.shape] gradients.
 
+    The homogeneous rows of every call are written into one preallocated [N, T_total, d_in']
+    tensor (a single copy, the trailing 1 filled in place); with one call the gradients stay a
+    view of the backward's result. Finiteness is checked on the (much smaller) statistics.
+
     Raises:
-        ValueError: the layer was not called, or its inputs or gradients are not finite.
+        ValueError: the layer was not called.
     """
     if not calls:
         raise ValueError(
             f"Module {layout.name!r} was not called during the forward pass, so it has no "
             "statistics; leave it out with include=."
         )
-    inputs, outputs = [], []
-    for call, grad in zip(calls, grads):
-        rows = layer_inputs(layout.module, call.input)
-        check_finite(rows, f"The input of module {layout.name!r}")
-        inputs.append(layout.homogeneous(rows.to(dtype)))
-        outputs.append(output_rows(layout.module, grad, batch_axes=1).to(dtype))
-    data = LayerData(torch.cat(inputs, dim=1), torch.cat(outputs, dim=2))
-    check_finite(data.grads, f"The backpropagated gradients at module {layout.name!r}")
-    return data
+    rows = [layer_inputs(layout.module, call.input) for call in calls]
+    n, d = rows[0].shape[0], layout.d_in
+    inputs = torch.empty(n, sum(r.shape[1] for r in rows), layout.d_cols, dtype=dtype,
+                         device=rows[0].device)
+    start = 0
+    for r in rows:
+        stop = start + r.shape[1]
+        if layout.has_weight:
+            inputs[:, start:stop, :d].copy_(r)
+        start = stop
+    if layout.has_bias:
+        inputs[..., d:].fill_(1.0)
+    outputs = [output_rows(layout.module, g, batch_axes=1).to(dtype) for g in grads]
+    return LayerData(inputs, outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2))
 
 
 def step_data(

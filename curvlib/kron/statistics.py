@@ -55,13 +55,13 @@ class RunningSum:
 
     def add(self, numerator: Tensor, count: float) -> None:
         # Out of place: a state dict may hold the previous numerator.
-        previous = torch.zeros_like(numerator) if self.numerator is None else self.numerator
         if self.ema_decay is None:
-            self.numerator = previous + numerator
+            self.numerator = numerator if self.numerator is None else self.numerator + numerator
             self.count += count
         else:
             beta = self.ema_decay
-            self.numerator = beta * previous + (1.0 - beta) * numerator
+            scaled = (1.0 - beta) * numerator
+            self.numerator = scaled if self.numerator is None else beta * self.numerator + scaled
             self.count = beta * self.count + (1.0 - beta) * count
 
     @property
@@ -109,8 +109,17 @@ class FactorStatistics(ABC):
         self.weights = weights
 
     @abstractmethod
-    def fold(self, inputs: Tensor, grads: Tensor, scale: float, num_examples: int) -> None:
-        """Add one batch, given as rows ā [M, d_in'] and g [K, M, d_out] and its c and N."""
+    def batch(
+        self, inputs: Tensor, grads: Tensor, scale: float, num_examples: int
+    ) -> dict[str, tuple[Tensor, float]]:
+        """One batch's (numerator, count) per running statistic, from rows ā [M, d_in'] and
+        g [K, M, d_out] and the batch's c and N; :meth:`fold` adds them."""
+
+    def fold(self, batch: dict[str, tuple[Tensor, float]]) -> None:
+        """Add a :meth:`batch` to the running statistics."""
+        running = self.running_sums()
+        for name, (numerator, count) in batch.items():
+            running[name].add(numerator, count)
 
     @abstractmethod
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -144,11 +153,13 @@ class KFACStatistics(FactorStatistics):
         self.A = RunningSum(weights.ema_decay)
         self.G = weights.running()
 
-    def fold(self, inputs: Tensor, grads: Tensor, scale: float, num_examples: int) -> None:
-        self.A.add(inputs.T @ inputs, float(inputs.shape[0]))
+    def batch(
+        self, inputs: Tensor, grads: Tensor, scale: float, num_examples: int
+    ) -> dict[str, tuple[Tensor, float]]:
         flat = grads.reshape(-1, grads.shape[-1])
         w = self.weights.weight(num_examples)
-        self.G.add((w * scale) * (flat.T @ flat), w)
+        return {"A": (inputs.T @ inputs, float(inputs.shape[0])),
+                "G": (torch.mm(flat.T, flat).mul_(w * scale), w)}
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         a = self.A.value()
@@ -170,16 +181,18 @@ class TKFACStatistics(FactorStatistics):
         self.Phi_raw = weights.running()
         self.Psi_raw = weights.running()
 
-    def fold(self, inputs: Tensor, grads: Tensor, scale: float, num_examples: int) -> None:
+    def batch(
+        self, inputs: Tensor, grads: Tensor, scale: float, num_examples: int
+    ) -> dict[str, tuple[Tensor, float]]:
         sq_in = inputs.square().sum(-1)  # ‖ā_m‖², [M]
         sq_out = grads.square().sum((0, 2))  # Σ_k ‖g_{m,k}‖², [M]
         w = self.weights.weight(num_examples) * scale
         count = self.weights.weight(num_examples)
-        self.delta.add(w * (sq_in * sq_out).sum(), count)
-        self.Phi_raw.add(w * (inputs.T @ (sq_out.unsqueeze(1) * inputs)), count)
+        phi = torch.mm(inputs.T, sq_out.unsqueeze(1) * inputs).mul_(w)
         weighted = grads * sq_in.sqrt().view(1, -1, 1)  # ‖ā_m‖ g_{m,k}
         flat = weighted.reshape(-1, grads.shape[-1])
-        self.Psi_raw.add(w * (flat.T @ flat), count)
+        return {"delta": (w * (sq_in * sq_out).sum(), count), "Phi_raw": (phi, count),
+                "Psi_raw": (torch.mm(flat.T, flat).mul_(w), count)}
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.Phi_raw.value(), self.Psi_raw.value(), self.delta.value()
