@@ -462,16 +462,17 @@ class KroneckerEstimate(CurvatureEstimate):
         return data.inputs.mean(dim=1), data.grads.sum(dim=2)
 
     def _fold(self, step: StepData, step_id: int | None = None) -> None:
-        # All layers' batch statistics first, checked, then added: a non-finite input or
-        # gradient row makes its statistics non-finite (every row adds its squares to a diagonal)
-        # and leaves every running statistic untouched.
+        # All layers' batch statistics first, checked, then added, so that a non-finite input or
+        # gradient row leaves every running statistic untouched.
         batches = {}
         for layer, stats in self._stats.items():
             inputs, grads = self._rows(layer, step)
             batches[layer] = stats.batch(inputs, grads, step.scale, step.num_examples)
-            for numerator, _ in batches[layer].values():
-                check_finite(numerator, f"The statistics of module {layer!r} (from its inputs "
-                             "and backpropagated gradients)")
+            # Every statistic is a sum of squares on its diagonal: a finite trace means finite
+            # rows (one scalar check instead of a pass over the rows).
+            traces = [n if n.dim() == 0 else n.diagonal().sum() for n, _ in batches[layer].values()]
+            check_finite(torch.stack(traces), f"The statistics of module {layer!r} (from its "
+                         "inputs and backpropagated gradients)")
         for layer, stats in self._stats.items():
             stats.fold(batches[layer])
         self._version += 1

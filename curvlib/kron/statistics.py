@@ -39,6 +39,33 @@ import torch
 from torch import Tensor
 
 
+def gram(rows: Tensor, leaf: int = 256) -> Tensor:
+    """rowsᵀ rows for rows [M, d], computing only the lower triangle of blocks.
+
+    With rows = [X₁ X₂] split at h = d/2, rowsᵀrows = [[X₁ᵀX₁, (X₂ᵀX₁)ᵀ], [X₂ᵀX₁, X₂ᵀX₂]]: the
+    off-diagonal block is computed once and mirrored, the diagonal blocks recursively, down to
+    blocks of at most ``leaf`` columns. That is ≈ (1/2 + 1/2^{levels+1}) of the multiply-adds of
+    one full product, with the same result (every entry is still one dot product over M).
+    """
+    out = rows.new_empty(rows.shape[1], rows.shape[1])
+    _fill_gram(rows, out, leaf)
+    return out
+
+
+def _fill_gram(rows: Tensor, out: Tensor, leaf: int) -> None:
+    d = rows.shape[1]
+    if d <= leaf:
+        out.copy_(rows.T @ rows)
+        return
+    h = d // 2
+    first, second = rows[:, :h], rows[:, h:]
+    _fill_gram(first, out[:h, :h], leaf)
+    _fill_gram(second, out[h:, h:], leaf)
+    cross = second.T @ first
+    out[h:, :h] = cross
+    out[:h, h:] = cross.T
+
+
 class RunningSum:
     """A numerator tensor and a count, summed (exact) or exponentially averaged (EMA).
 
@@ -158,8 +185,8 @@ class KFACStatistics(FactorStatistics):
     ) -> dict[str, tuple[Tensor, float]]:
         flat = grads.reshape(-1, grads.shape[-1])
         w = self.weights.weight(num_examples)
-        return {"A": (inputs.T @ inputs, float(inputs.shape[0])),
-                "G": (torch.mm(flat.T, flat).mul_(w * scale), w)}
+        return {"A": (gram(inputs), float(inputs.shape[0])),
+                "G": (gram(flat).mul_(w * scale), w)}
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         a = self.A.value()
@@ -188,11 +215,11 @@ class TKFACStatistics(FactorStatistics):
         sq_out = grads.square().sum((0, 2))  # Σ_k ‖g_{m,k}‖², [M]
         w = self.weights.weight(num_examples) * scale
         count = self.weights.weight(num_examples)
-        phi = torch.mm(inputs.T, sq_out.unsqueeze(1) * inputs).mul_(w)
+        phi = gram(sq_out.sqrt().unsqueeze(1) * inputs).mul_(w)
         weighted = grads * sq_in.sqrt().view(1, -1, 1)  # ‖ā_m‖ g_{m,k}
         flat = weighted.reshape(-1, grads.shape[-1])
         return {"delta": (w * (sq_in * sq_out).sum(), count), "Phi_raw": (phi, count),
-                "Psi_raw": (torch.mm(flat.T, flat).mul_(w), count)}
+                "Psi_raw": (gram(flat).mul_(w), count)}
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.Phi_raw.value(), self.Psi_raw.value(), self.delta.value()
