@@ -37,6 +37,7 @@ from curvlib.partition import Partition
 __all__ = [
     "assert_close",
     "assert_estimate_close",
+    "default_tolerances",
     "dense_empirical_fisher",
     "dense_ggn",
     "dense_hessian",
@@ -120,10 +121,24 @@ def dense_projected_hessian(
     return blocks @ dense_hessian(model, loss_fn, inputs, targets, partition) @ blocks.T
 
 
+def default_tolerances(*tensors: Tensor) -> tuple[float, float]:
+    """(rtol, atol) for comparisons at the precision of the least precise tensor given."""
+    if all(t.dtype == torch.float64 for t in tensors):
+        return 1e-7, 1e-10
+    return 1e-4, 1e-6
+
+
 def assert_close(
-    actual: Tensor, expected: Tensor, rtol: float = 1e-7, atol: float = 1e-10, what: str = "value"
+    actual: Tensor, expected: Tensor, rtol: float | None = None, atol: float | None = None,
+    what: str = "value",
 ) -> None:
-    """Assert ‖actual − expected‖_max ≤ atol + rtol·‖expected‖_max, reporting the errors."""
+    """Assert ‖actual − expected‖_max ≤ atol + rtol·‖expected‖_max, reporting the errors.
+
+    Tolerances default to float64 ones when both tensors are float64 and to float32 ones otherwise.
+    """
+    default_rtol, default_atol = default_tolerances(actual, expected)
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
     if actual.shape != expected.shape:
         raise AssertionError(
             f"{what}: shape {tuple(actual.shape)} differs from expected {tuple(expected.shape)}."
@@ -139,16 +154,20 @@ def assert_close(
 
 
 def assert_estimate_close(
-    estimate: CurvatureEstimate, reference: Tensor, rtol: float = 1e-7, atol: float = 1e-10,
-    check_products: bool = True, seed: int = 0,
+    estimate: CurvatureEstimate, reference: Tensor, rtol: float | None = None,
+    atol: float | None = None, check_products: bool = True, seed: int = 0,
 ) -> None:
     """Assert that an estimate equals a dense reference, and is consistent with itself.
 
     Checks ``to_dense`` against ``reference``; with ``check_products`` also that ``matvec`` on a
     random vector, ``trace`` and ``reduced`` on a random direction agree with the dense matrix.
+    Tolerances default to the precision of the estimate's parameters (see :func:`assert_close`).
     """
     part = estimate.partition
     dense = estimate.to_dense()
+    default_rtol, default_atol = default_tolerances(dense, reference)
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
     assert_close(dense, reference, rtol, atol, f"{type(estimate).__name__}.to_dense()")
     if not check_products:
         return
