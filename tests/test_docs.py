@@ -34,10 +34,6 @@ API_MODULES = {
     "curvlib.partitioned": "partitioned",
 }
 BUILD_TIMEOUT_S = 120
-# Link targets (pages, anchors) that other pages already point to but that are still being
-# written. While a build fails *only* on warnings naming them, the failure is expected; anything
-# else fails the test. TODO(release): this tuple must be empty.
-PENDING_TARGETS = ("#training-demo-issue-5",)
 
 
 def nav_pages(node: Any) -> Iterator[str]:
@@ -94,11 +90,6 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
         check=False,
     )
     log = result.stdout + result.stderr
-    if result.returncode != 0:
-        warnings = [line for line in log.splitlines() if line.startswith("WARNING")]
-        pending = sorted({t for t in PENDING_TARGETS for line in warnings if t in line})
-        if warnings and all(any(t in line for t in PENDING_TARGETS) for line in warnings):
-            pytest.xfail(f"waiting for {pending}; the build fails only on links to them")
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{log}"
     for page in nav_pages(load_config()["nav"]):
         html = site / (page[: -len(".md")] + "/index.html")
