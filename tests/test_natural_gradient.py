@@ -356,7 +356,8 @@ GOOD: dict[str, Any] = {"lr": 0.1, "damping": 0.1}
         ({"fallback": "rmsprop"}, "fallback must be"),
         ({"fallback_lr": -1.0}, "fallback_lr must be"),
         ({"damping_mode": "pi"}, "damping_mode must be one of ExactGGN"),
-        ({"betas": (0.9, 1.0)}, "betas must be"),
+        ({"betas": (0.9, 1.0)}, r"betas\[1\] must be < 1"),
+        ({"betas": (0.9,)}, "betas must be a pair"),
         ({"eps": 0.0}, "eps must be"),
     ],
 )

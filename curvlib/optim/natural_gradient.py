@@ -61,23 +61,10 @@ from torch import Tensor
 
 from curvlib.estimate import CurvatureEstimate
 from curvlib.exact.base import ExactEstimate
+from curvlib.optim.per_layer_lr import check_float, check_int
 
 Damping = float | Callable[[int], float]
 FALLBACKS: tuple[str, ...] = ("sgd", "adam", "error")
-
-
-def _check_number(value: Any, name: str, low: float, low_inclusive: bool = True) -> None:
-    """Raise a ValueError naming ``name`` unless ``value`` is a finite number above ``low``."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= low if low_inclusive else value > low)
-    if not ok:
-        bound = f"≥ {low}" if low_inclusive else f"> {low}"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
-
-
-def _check_period(value: Any, name: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}.")
 
 
 class NaturalGradient(torch.optim.Optimizer):
@@ -136,9 +123,9 @@ class NaturalGradient(torch.optim.Optimizer):
                 f"estimate must be a curvlib.CurvatureEstimate, got {type(estimate).__name__}."
             )
         if not callable(damping):
-            _check_number(damping, "damping", 0.0)
+            damping = check_float(damping, "damping")
         if kl_clip is not None:
-            _check_number(kl_clip, "kl_clip", 0.0, low_inclusive=False)
+            kl_clip = check_float(kl_clip, "kl_clip", positive=True)
         if damping_mode is not None:
             modes = getattr(estimate, "damping_modes", ())
             if damping_mode not in modes:
@@ -146,8 +133,8 @@ class NaturalGradient(torch.optim.Optimizer):
                     f"damping_mode must be one of {type(estimate).__name__}'s damping_modes "
                     f"{tuple(modes)}, got {damping_mode!r}."
                 )
-        _check_period(stat_every, "stat_every")
-        _check_period(refresh_every, "refresh_every")
+        check_int(stat_every, "stat_every", 1)
+        check_int(refresh_every, "refresh_every", 1)
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}.")
         self.estimate = estimate
@@ -185,19 +172,19 @@ class NaturalGradient(torch.optim.Optimizer):
         """Add a group (as ``torch.optim.Optimizer``), validating its hyper-parameters."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_number(group["lr"], "lr", 0.0)
-        momentum = group["momentum"]
-        _check_number(momentum, "momentum", 0.0)
-        if momentum >= 1.0:
-            raise ValueError(f"momentum must be < 1, got {momentum!r}.")
-        _check_number(group["weight_decay"], "weight_decay", 0.0)
+        check_float(group["lr"], "lr")
+        if check_float(group["momentum"], "momentum") >= 1.0:
+            raise ValueError(f"momentum must be < 1, got {group['momentum']!r}.")
+        check_float(group["weight_decay"], "weight_decay")
         if group["fallback_lr"] is not None:
-            _check_number(group["fallback_lr"], "fallback_lr", 0.0)
+            check_float(group["fallback_lr"], "fallback_lr")
         betas = group["betas"]
-        if not (isinstance(betas, tuple | list) and len(betas) == 2
-                and all(isinstance(b, int | float) and 0.0 <= b < 1.0 for b in betas)):
-            raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}.")
-        _check_number(group["eps"], "eps", 0.0, low_inclusive=False)
+        if not (isinstance(betas, tuple | list) and len(betas) == 2):
+            raise ValueError(f"betas must be a pair (β₁, β₂), got {betas!r}.")
+        for i, beta in enumerate(betas):
+            if check_float(beta, f"betas[{i}]") >= 1.0:
+                raise ValueError(f"betas[{i}] must be < 1, got {beta!r}.")
+        check_float(group["eps"], "eps", positive=True)
         if self.fallback == "error":
             uncovered = [tuple(p.shape) for p in group["params"] if not self._has_curvature(p)]
             if uncovered:
@@ -268,9 +255,8 @@ class NaturalGradient(torch.optim.Optimizer):
     def _current_damping(self) -> float:
         if not callable(self.damping):
             return float(self.damping)
-        value = self.damping(self._steps)
-        _check_number(value, f"damping({self._steps}) (the damping schedule's value)", 0.0)
-        return float(value)
+        return check_float(self.damping(self._steps),
+                           f"damping({self._steps}) (the damping schedule's value)")
 
     # ------------------------------------------------------------------ the step
     def step(  # type: ignore[override]
