@@ -70,6 +70,8 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class DemoResult:
+    """The runs in table order, the printed results table and the path of ``report.md``."""
+
     runs: list[Run]
     table: str
     report: Path

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlib import EKFAC, KFAC, TEKFAC, TKFAC, ExactGGN, Partition
+from curvlib.kron import KroneckerEstimate
 from curvlib.optim import NaturalGradient, PartitionedNewton, PerLayerLR
 
 Batches = Iterator[tuple[Tensor, Tensor]]
@@ -151,7 +152,9 @@ KRON_EMA = 0.95
 KRON_REFRESH = 5
 
 
-def _natural(estimate_cls: type[KFAC]) -> Callable[[nn.Module, nn.Module, Batches], Trainer]:
+def _natural(
+    estimate_cls: type[KroneckerEstimate],
+) -> Callable[[nn.Module, nn.Module, Batches], Trainer]:
     def build(model: nn.Module, loss_fn: nn.Module, batches: Batches) -> Trainer:
         estimate = estimate_cls(model, loss_fn, fisher="mc", ema_decay=KRON_EMA)
         optimizer = NaturalGradient(
