@@ -159,3 +159,20 @@ def test_estimates_are_curvature_estimates(mlp: tuple) -> None:
     for method in METHODS:
         estimate: KroneckerEstimate = method(model, loss_fn)
         assert repr(estimate).startswith(method.__name__)
+
+
+def test_small_positive_damping_next_to_large_eigenvalues_solves() -> None:
+    """A damping far below the largest eigenvalue is not 'singular' (float32, wide layer)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 20), nn.Tanh(), nn.Linear(20, 10))
+    x, y = 30.0 * torch.randn(64, 300), torch.randint(0, 10, (64,))
+    estimate = KFAC(model, nn.CrossEntropyLoss(reduction="sum"), fisher="type2")
+    estimate.update(x, y)
+    largest = float(estimate.to_dense().diagonal().max())
+    v = [torch.randn_like(p) for p in estimate.partition.parameters]
+    assert all(bool(torch.isfinite(t).all()) for t in estimate.solve(v, damping=1e-6 * largest))
+    damping = 1e-2 * largest  # a conditioning float32 resolves: the solve inverts C + λI
+    solved = estimate.solve(v, damping=damping)
+    back = estimate.partition.add(estimate.matvec(solved), solved, alpha=damping)
+    rel = max(float((a - b).norm() / b.norm()) for a, b in zip(back, v))
+    assert rel < 1e-3

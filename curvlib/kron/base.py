@@ -565,9 +565,12 @@ class KroneckerEstimate(CurvatureEstimate):
         self._ensure_current()
         diagonals = self._damped_diagonals(float(damping), damping_mode)
         for layer, diag in diagonals.items():
+            # A positive damping keeps every damped eigenvalue away from zero however large the
+            # others are; without damping, eigenvalues at rounding level of the largest are zero.
             eps = torch.finfo(diag.dtype).eps
-            scale = max(float(diag.abs().max()), float(damping), 1e-300)
-            if bool((diag <= diag.numel() * eps * scale).any()):
+            scale = max(float(diag.abs().max()), 1e-300)
+            tol = 0.0 if damping > 0 else max(diag.shape) * eps * scale
+            if bool((diag <= tol).any()):
                 raise ValueError(
                     f"{type(self).__name__}.solve: the block of module {layer!r} plus "
                     f"damping={damping} ({damping_mode}) is singular (smallest eigenvalue "
