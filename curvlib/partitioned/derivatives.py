@@ -34,9 +34,10 @@ Two engines run this algorithm:
   through the union of their graphs, pruned only to the subsets from the chunk's first row on, so
   it does more arithmetic than the loop — counted on an MLP 784-512-512-10 with S = 6, all rows at
   once: 3.2× for H̄, 5× for H̄ with diag D̄ — in fewer, larger kernels. Memory grows with the
-  chunk: each lane keeps its own second-order graph. On CPU it was not faster than the loop in
-  any of our measurements (``docs/performance.md``), tiny models included; it is there for
-  accelerators, where fewer kernel launches can outweigh the extra arithmetic.
+  chunk: each lane keeps its own second-order graph. On CPU it was slower than the loop for every
+  quantity of the benchmark workloads (``docs/performance.md``) and faster only for some
+  quantities of tiny models; it is there for accelerators and small models, where fewer kernel
+  launches can outweigh the extra arithmetic.
 
 The forward-over-reverse form of ``research/wolinski.md`` §2.4 (H̄ = jacfwd(∇φ), D̄_iii by nested
 jvp) is exact too, but it propagates tangents through the forward pass that reverse mode never
