@@ -231,7 +231,7 @@ def test_coarsening_the_partition_sums_entries(name: str) -> None:
     assert_close(p1.D, pf.D.sum().reshape(1), rtol=1e-11, what="S=1 D")
 
 
-def test_sequence_outputs_and_tuple_free_inputs() -> None:
+def test_sequence_outputs() -> None:
     """Per-token cross-entropy over [N, C, T] outputs."""
     model, loss_fn, x, y = make_case("sequence", batch=3)
     partition = Partition.by_module(model)
