@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
 from curvlib.estimate import CurvatureEstimate
+from curvlib.exact.base import parameter_names
 from curvlib.losses import LossFunction
 from curvlib.partition import Partition
 
@@ -56,8 +57,7 @@ def flat_function(
     model: nn.Module, partition: Partition, inputs: Any
 ) -> tuple[Callable[[Tensor], Any], Tensor]:
     """(θ ↦ model output with the partition's tensors taken from θ, θ₀)."""
-    ids = {id(p): n for n, p in model.named_parameters()}
-    names = [ids[id(p)] for p in partition.parameters]
+    names = parameter_names(model, partition)
     args = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
 
     def outputs_of(theta: Tensor) -> Any:
