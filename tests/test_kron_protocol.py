@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlib import EKFAC, KFAC, TEKFAC
-from curvlib.kron import KroneckerEstimate
+from curvlib.kron import KroneckerEstimate, eigen
 from curvlib.kron.eigen import eigenbasis_squares, eigh_psd
 from curvlib.testing import assert_close, dense_ggn
 from tests.cases import make_case
@@ -168,6 +168,75 @@ def test_eigendecomposition_retries_in_float64(monkeypatch: pytest.MonkeyPatch) 
     values, vectors = eigh_psd(matrix, "a test factor")
     assert values.dtype == torch.float32 and bool((values >= 0).all())
     assert_close((vectors * values) @ vectors.T, matrix, rtol=1e-5, what="retried")
+
+
+class RangeSpy:
+    """Wraps curvlib.kron.eigen._eigh_range, counting calls and successful results."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls, self.found = 0, 0
+        self.original = eigen._eigh_range
+        monkeypatch.setattr(eigen, "_eigh_range", self)
+
+    def __call__(self, sym: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+        self.calls += 1
+        result = self.original(sym, k)
+        self.found += result is not None
+        return result
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-11), (torch.float32, 1e-5)])
+def test_low_rank_eigendecomposition_reconstructs_factor(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, rtol: float
+) -> None:
+    """A factor of 12 rows in 100 dimensions, decomposed from its range: F = U diag(s) Uᵀ with U
+    orthonormal, s ascending, and the nonzero spectrum of the full solver."""
+    spy = RangeSpy(monkeypatch)
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(12, 100, dtype=torch.float64, generator=gen) * torch.logspace(0, -2, 100)
+    matrix = (rows.T @ rows).to(dtype)
+    values, vectors = eigh_psd(matrix, "a test factor", rank_bound=12)
+    assert (spy.calls, spy.found) == (1, 1)
+    assert values.dtype == dtype and bool((values >= 0).all())
+    assert bool((values[1:] >= values[:-1]).all())
+    eye = torch.eye(100, dtype=torch.float64)
+    assert_close(vectors.double().T @ vectors.double(), eye, atol=10 * rtol, what="orthonormal")
+    assert_close((vectors * values) @ vectors.T, matrix, rtol=rtol, what="reconstruction")
+    full = torch.linalg.eigh(matrix.double()).eigenvalues
+    assert_close(values[-12:].double(), full[-12:], rtol=rtol, what="nonzero spectrum")
+
+
+def test_wrong_rank_bound_falls_back_to_the_full_solver(monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = RangeSpy(monkeypatch)
+    gen = torch.Generator().manual_seed(4)
+    rows = torch.randn(40, 100, dtype=torch.float64, generator=gen)
+    matrix = rows.T @ rows  # rank 40, claimed ≤ 10
+    values, vectors = eigh_psd(matrix, "a test factor", rank_bound=10)
+    assert (spy.calls, spy.found) == (1, 0)
+    assert_close((vectors * values) @ vectors.T, matrix, rtol=1e-11, what="fallback")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_low_rank_refresh_equals_full_refresh(
+    monkeypatch: pytest.MonkeyPatch, method: type[KroneckerEstimate]
+) -> None:
+    """Wide layers and few rows: the range-only decomposition gives the same estimate as the full
+    solver (bases may differ inside the null spaces, the matrices may not), and one datum is
+    still exact."""
+    spy = RangeSpy(monkeypatch)
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(60, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(3, 60, dtype=torch.float64), torch.randint(0, 3, (3,))
+    batches = [(x[:1], y[:1]), (x[1:], y[1:])]
+    low = fitted(method, model, loss_fn, batches, fisher="type2")
+    low_dense = low.to_dense()
+    assert spy.found == 1  # the 61 × 61 input factor of the first layer (3 rows)
+    full = fitted(method, model, loss_fn, batches, fisher="type2")
+    full._rank_bounds = None  # as for a state without rank bounds: the full solver
+    assert_close(low_dense, full.to_dense(), rtol=1e-10, what=method.__name__)
+    one = fitted(method, model, loss_fn, batches[:1], fisher="type2")
+    assert_close(one.to_dense(), ggn_blocks(one, *batches[0]), rtol=1e-10, what="one datum")
 
 
 def test_rank_deficient_estimate_is_finite_and_solve_needs_damping() -> None:

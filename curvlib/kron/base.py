@@ -258,6 +258,10 @@ class KroneckerEstimate(CurvatureEstimate):
             layer: self._new_statistics(self._weights) for layer in self.layouts
         }
         self._bases: dict[str, Eigenbasis] = {}
+        # Rows folded into each layer's (input, output) factor: bounds on their ranks, which let
+        # refresh() decompose a factor from its range alone (curvlib.kron.eigen).
+        self._rank_bounds: dict[str, tuple[int, int]] | None = {layer: (0, 0) for layer in
+                                                                  self.layouts}
         self._diagonals: dict[str, RunningSum] = {}
         self._version = 0
         self._refreshed_version = -1
@@ -397,8 +401,12 @@ class KroneckerEstimate(CurvatureEstimate):
         for layer, stats in self._stats.items():
             fac_in, fac_out, divisor = stats.factors()
             names = self._factor_names()
-            values_in, basis_in = eigh_psd(fac_in, f"factor {names[0]} of module {layer!r}")
-            values_out, basis_out = eigh_psd(fac_out, f"factor {names[1]} of module {layer!r}")
+            bounds = self._rank_bounds or {}
+            rank_in, rank_out = bounds.get(layer, (None, None))
+            values_in, basis_in = eigh_psd(fac_in, f"factor {names[0]} of module {layer!r}",
+                                           rank_in)
+            values_out, basis_out = eigh_psd(fac_out, f"factor {names[1]} of module {layer!r}",
+                                             rank_out)
             self._bases[layer] = Eigenbasis(basis_in, values_in, basis_out, values_out, divisor)
         self._refreshed_version = self._version
         if self.refits_diagonal:
@@ -464,9 +472,10 @@ class KroneckerEstimate(CurvatureEstimate):
     def _fold(self, step: StepData, step_id: int | None = None) -> None:
         # All layers' batch statistics first, checked, then added, so that a non-finite input or
         # gradient row leaves every running statistic untouched.
-        batches = {}
+        batches, rows = {}, {}
         for layer, stats in self._stats.items():
             inputs, grads = self._rows(layer, step)
+            rows[layer] = (inputs.shape[0], grads.shape[0] * grads.shape[1])
             batches[layer] = stats.batch(inputs, grads, step.scale, step.num_examples)
             # Every statistic is a sum of squares on its diagonal: a finite trace means finite
             # rows (one scalar check instead of a pass over the rows).
@@ -475,6 +484,11 @@ class KroneckerEstimate(CurvatureEstimate):
                          "inputs and backpropagated gradients)")
         for layer, stats in self._stats.items():
             stats.fold(batches[layer])
+        if self._rank_bounds is not None:
+            self._rank_bounds = {
+                layer: (r_in + rows[layer][0], r_out + rows[layer][1])
+                for layer, (r_in, r_out) in self._rank_bounds.items()
+            }
         self._version += 1
         if self.refits_diagonal:
             self._last = step
@@ -585,7 +599,9 @@ class KroneckerEstimate(CurvatureEstimate):
         dense = torch.zeros(part.numel, part.numel, dtype=part.dtype, device=part.device)
         for (layer, layout), sl in zip(self.layouts.items(), part.subset_slices):
             basis = self._bases[layer]
-            q = torch.kron(basis.basis_out, basis.basis_in)  # row-major [W | b] ↔ eigenbasis
+            # row-major [W | b] ↔ eigenbasis; torch.kron fails on operands of mixed memory
+            # layouts (LAPACK's column-major eigenvectors next to a row-major basis).
+            q = torch.kron(basis.basis_out.contiguous(), basis.basis_in.contiguous())
             block = (q * self._diagonal(layer).reshape(-1)) @ q.T
             index = layout.dense_index().to(block.device)
             dense[sl, sl] = (0.5 * (block + block.T))[index][:, index].to(part.dtype)
@@ -668,6 +684,7 @@ class KroneckerEstimate(CurvatureEstimate):
             "diagonals": {layer: r.state_dict() for layer, r in self._diagonals.items()},
             "version": self._version,
             "refreshed_version": self._refreshed_version,
+            "rank_bounds": self._rank_bounds,
             "seed": self._seed,
             "steps": self._steps,
             "replay": [vars(r).copy() for r in self._replay],
@@ -702,6 +719,8 @@ class KroneckerEstimate(CurvatureEstimate):
             self._diagonals[layer] = running
         self._version = int(state["version"])
         self._refreshed_version = int(state["refreshed_version"])
+        # A state without rank bounds (or from an unknown source) gets the full solver.
+        self._rank_bounds = state.get("rank_bounds")
         self._seed = int(state["seed"])
         self._steps = int(state["steps"])
         self._replay = [_Replay(**r) for r in state["replay"]]

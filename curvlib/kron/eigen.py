@@ -5,6 +5,18 @@ float32: statistics never accumulate in less), retried in float64 if the solver 
 non-finite values, and its eigenvalues are clamped at 0 — a factor is a sum of outer products, so
 negative eigenvalues are rounding noise and would make the damped inverse blow up.
 
+**Rank-deficient factors.** A factor summed from r rows (r = rows folded so far: examples ×
+positions, times the K backpropagated vectors for the output factor) has rank ≤ r whatever the
+averaging, so when r is well below its size d (wide layers early in training, or a linear head
+after a flattened convolution: W2's 2049 × 2049 input factor from 128 rows) the decomposition is
+computed on the range alone (Halko, Martinsson & Tropp 2011, §4–5): with a Gaussian Ω ∈ ℝ^{d×k},
+k = r + p (oversampling p), the complete QR of Y = F Ω gives an orthonormal Q = [Q_k Q_⊥] whose
+first k columns span range(F); the Rayleigh–Ritz matrix B = Q_kᵀ F Q_k = V Λ Vᵀ then gives
+F = (Q_k V) Λ (Q_k V)ᵀ, and Q_⊥ completes the basis with eigenvalue 0. The cost is
+O(d² k) instead of O(d³) (a fifth of the time of the full solver at k = d/10, about 0.6× at
+k = 0.4 d, where the switch is). A random probe certifies the result, ‖(I − Q_k Q_kᵀ) F ω‖ at
+rounding level; otherwise (a rank bound that does not hold) the full solver runs.
+
 **Diagonal in an eigenbasis** (EKFAC, George et al. 2018, arXiv 1806.03884; TEKFAC, Gao et al.,
 arXiv 2011.13609). For orthogonal bases U_in (d_in' × d_in') and U_out (d_out × d_out) of a layer,
 the diagonal D that minimises ‖F − (U_in ⊗ U_out) diag(D) (U_in ⊗ U_out)ᵀ‖_F is
@@ -30,12 +42,23 @@ Examples are processed in chunks so that no intermediate exceeds ``max_elements`
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
+LOW_RANK_OVERSAMPLING = 8
+LOW_RANK_MAX_FRACTION = 0.4
 
-def eigh_psd(matrix: Tensor, what: str) -> tuple[Tensor, Tensor]:
+
+def eigh_psd(
+    matrix: Tensor, what: str, rank_bound: int | None = None
+) -> tuple[Tensor, Tensor]:
     """(eigenvalues ≥ 0, orthonormal eigenvectors) of a symmetric positive semi-definite factor.
+
+    Eigenvalues are in ascending order. ``rank_bound`` (the number of rows the factor was summed
+    from, if known) enables the range-only decomposition of the module docstring when
+    ``rank_bound + LOW_RANK_OVERSAMPLING ≤ LOW_RANK_MAX_FRACTION · d``.
 
     Raises:
         ValueError: the factor is not finite, or no eigendecomposition succeeds even in float64.
@@ -44,6 +67,12 @@ def eigh_psd(matrix: Tensor, what: str) -> tuple[Tensor, Tensor]:
         raise ValueError(f"{what} is not finite (contains NaN or inf).")
     sym = 0.5 * (matrix + matrix.T)
     work = sym if sym.dtype == torch.float64 else sym.to(torch.float32)
+    if rank_bound is not None:
+        k = rank_bound + LOW_RANK_OVERSAMPLING
+        if k <= LOW_RANK_MAX_FRACTION * sym.shape[0]:
+            found = _eigh_range(work, k)
+            if found is not None:
+                return found[0].clamp_min(0).to(matrix.dtype), found[1].to(matrix.dtype)
     for attempt in (work, sym.to(torch.float64)):
         try:
             values, vectors = torch.linalg.eigh(attempt)
@@ -52,6 +81,32 @@ def eigh_psd(matrix: Tensor, what: str) -> tuple[Tensor, Tensor]:
         if bool(torch.isfinite(values).all()) and bool(torch.isfinite(vectors).all()):
             return values.clamp_min(0).to(matrix.dtype), vectors.to(matrix.dtype)
     raise ValueError(f"The eigendecomposition of {what} failed, also in float64.")
+
+
+def _eigh_range(sym: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """The eigendecomposition of a symmetric PSD matrix of rank < k from its range (see the
+    module docstring), ascending; None when the probe finds range(F) not captured."""
+    d = sym.shape[0]
+    # A fixed seed: the same factor always gets the same basis (reproducible refreshes).
+    generator = torch.Generator(device=sym.device).manual_seed(0x5EED)
+    probes = torch.randn(d, k + 1, generator=generator, dtype=sym.dtype, device=sym.device)
+    images = sym @ probes
+    try:
+        q, _ = torch.linalg.qr(images[:, :k], mode="complete")
+        q_k = q[:, :k]
+        ritz = q_k.T @ sym @ q_k
+        values, vectors = torch.linalg.eigh(0.5 * (ritz + ritz.T))
+    except torch.linalg.LinAlgError:
+        return None
+    check = images[:, k]
+    residual = check - q_k @ (q_k.T @ check)
+    # Rounding alone leaves ≈ eps·√d of the probe's image outside the computed range (measured
+    # 0.3–2.5 eps·√d in float32 and float64); a missed direction leaves its eigenvalue's share.
+    tolerance = 20 * math.sqrt(d) * torch.finfo(sym.dtype).eps * float(check.norm())
+    if not (bool(torch.isfinite(values).all()) and float(residual.norm()) <= tolerance):
+        return None
+    zeros = values.new_zeros(d - k)
+    return torch.cat([zeros, values]), torch.cat([q[:, k:], q_k @ vectors], dim=1)
 
 
 def eigenbasis_squares(
