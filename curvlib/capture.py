@@ -8,7 +8,9 @@ what hooks see into that form:
   itself for ``nn.Linear`` (every leading axis after the first is a shared position), the unfolded
   receptive-field patches for ``nn.Conv1d/Conv2d`` in (C_in, k...) order so that they multiply
   ``weight.view(C_out, -1)``, honouring stride, padding (also ``"same"``) and dilation;
-* :func:`output_rows` reshapes a gradient w.r.t. the layer output to [..., N, T, d_out].
+* :func:`output_rows` reshapes a gradient w.r.t. the layer output to [..., N, T, d_out];
+* :func:`empty_rows` allocates rows in the layout each layer fills without transposing
+  (feature-major for convolutions, whose positions are innermost).
 
 Then Σ_t g_{n,t} a_{n,t}ᵀ is example n's weight gradient (and Σ_t g_{n,t} its bias gradient).
 
@@ -22,7 +24,8 @@ through them during an ordinary ``loss.backward()``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -94,12 +97,37 @@ def _conv_padding(module: nn.Conv1d | nn.Conv2d, spatial: int) -> list[tuple[int
     return [(int(p), int(p)) for p in module.padding]
 
 
-def layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
-    """The rows a_{n,t} of a layer input as an [N, T, d_in] tensor (no bias coordinate)."""
+def empty_rows(
+    module: nn.Module, shape: Sequence[int], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """An uninitialised [*B, N, T, d] tensor laid out for this layer's rows.
+
+    The layout follows the order in which the layer holds its rows, so that filling it copies
+    contiguous runs instead of transposing: an ``nn.Linear`` input or output gradient keeps its d
+    features innermost, so the tensor is row-major; a convolution's image and output gradient keep
+    the positions innermost, so the tensor is stored feature-major ([d, *B, N, T], permuted). In
+    both layouts the leading axes still merge into one, so [*B·N·T, d] rows are a view.
+    """
+    if isinstance(module, nn.Linear):
+        return torch.empty(*shape, dtype=dtype, device=device)
+    storage = torch.empty(shape[-1], *shape[:-1], dtype=dtype, device=device)
+    return storage.permute(*range(1, len(shape)), 0)
+
+
+def layer_inputs(module: nn.Module, x: Tensor, out: Tensor | None = None) -> Tensor:
+    """The rows a_{n,t} of a layer input as an [N, T, d_in] tensor (no bias coordinate).
+
+    For ``nn.Linear`` a view of the input. For a convolution, position t = (o_1, …) reads the
+    padded input at s·o + δ·κ for every kernel offset κ (stride s, dilation δ); these windows are
+    taken as a strided view of the padded input and copied once into :func:`empty_rows` storage.
+    With ``out`` (an [N, T, d_in] tensor of any strides, e.g. part of a larger one), the rows are
+    written there instead and ``out`` is returned.
+    """
     if isinstance(module, nn.Linear):
         if x.dim() < 2:
             raise ValueError(f"nn.Linear input of shape {tuple(x.shape)} has no batch axis.")
-        return x.reshape(x.shape[0], -1, x.shape[-1])
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        return rows if out is None else out.copy_(rows)
     if isinstance(module, nn.Conv1d | nn.Conv2d):
         spatial = 1 if isinstance(module, nn.Conv1d) else 2
         if x.dim() != spatial + 2:
@@ -111,14 +139,20 @@ def layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
         flat_pad = [p for pair in reversed(pads) for p in pair]
         if any(flat_pad):
             x = F.pad(x, flat_pad)
-        if spatial == 1:  # a length-L signal is an image of height 1
-            x = x.unsqueeze(2)
-            kernel, stride, dilation = (1, *module.kernel_size), (1, *module.stride), (
-                1, *module.dilation)
-        else:
-            kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-        patches = F.unfold(x, kernel_size=kernel, dilation=dilation, stride=stride)
-        return patches.transpose(1, 2)
+        windows = x
+        for axis, (k, s, dil) in enumerate(zip(module.kernel_size, module.stride,
+                                               module.dilation)):
+            windows = windows.unfold(2 + axis, dil * (k - 1) + 1, s)
+        windows = windows[(..., *(slice(None, None, dil) for dil in module.dilation))]
+        # [N, C, *positions, *kernel] → [N, *positions, C, *kernel]: the columns in the order of
+        # weight.view(C_out, -1)
+        windows = windows.permute(0, *range(2, 2 + spatial), 1,
+                                  *range(2 + spatial, 2 + 2 * spatial))
+        shape = (x.shape[0], math.prod(windows.shape[1:1 + spatial]),
+                 math.prod(windows.shape[1 + spatial:]))
+        rows = empty_rows(module, shape, x.dtype, x.device) if out is None else out
+        rows.view(windows.shape).copy_(windows)
+        return rows
     raise ValueError(f"{type(module).__name__} is not a supported layer.")
 
 

@@ -6,7 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from curvlib.capture import LayerCapture, layer_inputs, output_rows, supported_layers
+from curvlib.capture import (
+    LayerCapture,
+    empty_rows,
+    layer_inputs,
+    output_rows,
+    supported_layers,
+)
 from curvlib.testing import assert_close
 from tests.cases import make_case
 
@@ -38,6 +44,19 @@ def test_rows_rebuild_weight_and_bias_gradients(layer: nn.Module, shape: tuple) 
     assert_close(weight_grad, layer.weight.grad.reshape(layer.weight.shape[0], -1), what="W")
     if layer.bias is not None:
         assert_close(g.sum(dim=(0, 1)), layer.bias.grad, what="bias")
+
+
+@pytest.mark.parametrize("layer,shape", list(zip(CONVS, INPUTS)), ids=[str(c) for c in CONVS])
+def test_rows_written_into_a_larger_tensor_and_flattened_as_a_view(
+    layer: nn.Module, shape: tuple
+) -> None:
+    x = torch.randn(4, *shape, dtype=torch.float64)
+    rows = layer_inputs(layer, x)
+    n, t, d = rows.shape
+    assert rows.reshape(-1, d).data_ptr() == rows.data_ptr()  # flattening needs no copy
+    wider = empty_rows(layer, (n, t + 2, d + 1), torch.float64, x.device)
+    layer_inputs(layer, x, out=wider[:, 1:t + 1, :d])
+    assert torch.equal(wider[:, 1:t + 1, :d], rows)
 
 
 def test_weight_tying_records_every_call_and_hooks_are_removed() -> None:

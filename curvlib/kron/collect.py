@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from curvlib.capture import LayerCall, layer_inputs, output_rows
+from curvlib.capture import LayerCall, empty_rows, layer_inputs, output_rows
 from curvlib.kron.layout import LayerLayout
 from curvlib.losses import FisherType, LossFunction
 
@@ -112,9 +112,10 @@ def layer_data(
 ) -> LayerData:
     """Rows of one layer from its recorded calls and their [K, *output.shape] gradients.
 
-    The homogeneous rows of every call are written into one preallocated [N, T_total, d_in']
-    tensor (a single copy, the trailing 1 filled in place); with one call the gradients stay a
-    view of the backward's result. Finiteness is checked on the (much smaller) statistics.
+    The rows of every call are written into one [N, T_total, d_in'] tensor laid out by
+    :func:`~curvlib.capture.empty_rows` (a single copy, the trailing 1 filled in place), and so are
+    the gradients unless one call's are already rows (a view of the backward's result). Finiteness
+    is checked on the (much smaller) statistics.
 
     Raises:
         ValueError: the layer was not called.
@@ -124,20 +125,24 @@ def layer_data(
             f"Module {layout.name!r} was not called during the forward pass, so it has no "
             "statistics; leave it out with include=."
         )
-    rows = [layer_inputs(layout.module, call.input) for call in calls]
-    n, d = rows[0].shape[0], layout.d_in
-    inputs = torch.empty(n, sum(r.shape[1] for r in rows), layout.d_cols, dtype=dtype,
-                         device=rows[0].device)
+    module, d = layout.module, layout.d_in
+    outputs = [output_rows(module, g, batch_axes=1) for g in grads]  # views [K, N, T, d_out]
+    (k, n, _, d_out), device = outputs[0].shape, outputs[0].device
+    total = sum(g.shape[2] for g in outputs)
+    inputs = empty_rows(module, (n, total, layout.d_cols), dtype, device)
+    single = len(outputs) == 1 and outputs[0].dtype == dtype and outputs[0].is_contiguous()
+    out_rows = outputs[0] if single else empty_rows(module, (k, n, total, d_out), dtype, device)
     start = 0
-    for r in rows:
-        stop = start + r.shape[1]
+    for call, g in zip(calls, outputs):
+        stop = start + g.shape[2]
         if layout.has_weight:
-            inputs[:, start:stop, :d].copy_(r)
+            layer_inputs(module, call.input, out=inputs[:, start:stop, :d])
+        if not single:
+            out_rows[:, :, start:stop].copy_(g)
         start = stop
     if layout.has_bias:
         inputs[..., d:].fill_(1.0)
-    outputs = [output_rows(layout.module, g, batch_axes=1).to(dtype) for g in grads]
-    return LayerData(inputs, outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2))
+    return LayerData(inputs, out_rows)
 
 
 def step_data(
