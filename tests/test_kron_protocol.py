@@ -128,6 +128,27 @@ def test_state_dict_round_trip(method: type[KroneckerEstimate]) -> None:
     assert_close(clone.to_dense(), estimate.to_dense(), rtol=1e-12, what="continued")
 
 
+@pytest.mark.parametrize("ema_decay", [None, 0.5])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_statistics_handed_out_are_copies(reduction: str, ema_decay: float | None) -> None:
+    """Statistics accumulate in place: factors() and state_dict() must not alias them, and a
+    loaded state must not be written through."""
+    model, loss_fn, x, y = make_case("mlp", "cross_entropy", reduction, batch=4)
+    estimate = fitted(EKFAC, model, loss_fn, [(x[:2], y[:2])], fisher="type2",
+                      ema_decay=ema_decay)
+    named = {k: v.clone() for k, v in estimate.factors()["0"].items()}
+    read = estimate.factors()["0"]
+    state = estimate.state_dict()
+    saved = state["statistics"]["0"]["G"]["numerator"].clone()
+    other = EKFAC(model, loss_fn, fisher="type2", ema_decay=ema_decay)
+    other.load_state_dict(state)
+    estimate.update(x[2:], y[2:])
+    other.update(x[2:], y[2:])
+    for key in ("A", "G", "diagonal"):
+        assert torch.equal(read[key], named[key]), key
+    assert torch.equal(state["statistics"]["0"]["G"]["numerator"], saved)
+
+
 @pytest.mark.parametrize("name", ["shared", "conv1d"])
 def test_tied_calls_and_conv1d_keep_the_trace(name: str) -> None:
     """A module called twice contributes both calls as shared positions; per-example gradients

@@ -81,14 +81,19 @@ class RunningSum:
         self.count: float = 0.0
 
     def add(self, numerator: Tensor, count: float) -> None:
-        # Out of place: a state dict may hold the previous numerator.
-        if self.ema_decay is None:
-            self.numerator = numerator if self.numerator is None else self.numerator + numerator
+        """Fold a batch's numerator in; the first one is kept (not copied), so pass a tensor
+        nobody else writes to."""
+        # In place: the running numerator is private — value() and state_dict() hand out copies.
+        if self.numerator is None:
+            keep = 1.0 if self.ema_decay is None else 1.0 - self.ema_decay
+            self.numerator = numerator if keep == 1.0 else numerator.mul_(keep)
+            self.count = keep * count
+        elif self.ema_decay is None:
+            self.numerator.add_(numerator)
             self.count += count
         else:
             beta = self.ema_decay
-            scaled = (1.0 - beta) * numerator
-            self.numerator = scaled if self.numerator is None else beta * self.numerator + scaled
+            self.numerator.mul_(beta).add_(numerator, alpha=1.0 - beta)
             self.count = beta * self.count + (1.0 - beta) * count
 
     @property
@@ -99,13 +104,15 @@ class RunningSum:
         """The statistic as read: numerator / count, or the numerator for a total."""
         if self.numerator is None or self.count == 0.0:
             raise ValueError("A Kronecker statistic was read before any data was added.")
-        return self.numerator if self.total else self.numerator / self.count
+        return self.numerator.clone() if self.total else self.numerator / self.count
 
     def state_dict(self) -> dict[str, Any]:
-        return {"numerator": self.numerator, "count": self.count}
+        numerator = None if self.numerator is None else self.numerator.clone()
+        return {"numerator": numerator, "count": self.count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.numerator = state["numerator"]
+        numerator = state["numerator"]
+        self.numerator = None if numerator is None else numerator.clone()
         self.count = float(state["count"])
 
 
