@@ -33,37 +33,32 @@ averaged as *undivided* statistics (pitfall P10) and divided only when read: the
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from itertools import pairwise
 from typing import Any
 
 import torch
 from torch import Tensor
 
 
-def gram(rows: Tensor, leaf: int = 256) -> Tensor:
+def gram(rows: Tensor, width: int = 128) -> Tensor:
     """rowsᵀ rows for rows [M, d], computing only the lower triangle of blocks.
 
-    With rows = [X₁ X₂] split at h = d/2, rowsᵀrows = [[X₁ᵀX₁, (X₂ᵀX₁)ᵀ], [X₂ᵀX₁, X₂ᵀX₂]]: the
-    off-diagonal block is computed once and mirrored, the diagonal blocks recursively, down to
-    blocks of at most ``leaf`` columns. That is ≈ (1/2 + 1/2^{levels+1}) of the multiply-adds of
-    one full product, with the same result (every entry is still one dot product over M).
+    The columns are cut into p = ⌈d / width⌉ blocks, rows = [X₁ … X_p]. Block row i of the lower
+    triangle, X_iᵀ [X₁ … X_i], is one product written straight into the result; the strict upper
+    triangle is its mirror. That is (p + 1)/(2p) of the multiply-adds of one full product in p
+    wide products (which keep the matrix multiply near its peak rate), with the same result: every
+    entry is still one dot product over M.
     """
-    out = rows.new_empty(rows.shape[1], rows.shape[1])
-    _fill_gram(rows, out, leaf)
-    return out
-
-
-def _fill_gram(rows: Tensor, out: Tensor, leaf: int) -> None:
     d = rows.shape[1]
-    if d <= leaf:
-        out.copy_(rows.T @ rows)
-        return
-    h = d // 2
-    first, second = rows[:, :h], rows[:, h:]
-    _fill_gram(first, out[:h, :h], leaf)
-    _fill_gram(second, out[h:, h:], leaf)
-    cross = second.T @ first
-    out[h:, :h] = cross
-    out[:h, h:] = cross.T
+    out = rows.new_empty(d, d)
+    blocks = -(-d // width)
+    bounds = [d * i // blocks for i in range(blocks + 1)]
+    for lo, hi in pairwise(bounds):
+        torch.mm(rows[:, lo:hi].T, rows[:, :hi], out=out[lo:hi, :hi])
+        # Mirrored in panels of at most ``width`` columns: a whole-triangle transpose would
+        # stride through memory far beyond the cache.
+        out[:lo, lo:hi] = out[lo:hi, :lo].T
+    return out
 
 
 class RunningSum:
