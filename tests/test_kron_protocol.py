@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from curvlib import EKFAC, KFAC, TEKFAC
 from curvlib.kron import KroneckerEstimate, eigen
-from curvlib.kron.eigen import eigenbasis_squares, eigh_psd
+from curvlib.kron.eigen import SquaresRoute, eigenbasis_squares, eigh_psd
 from curvlib.testing import assert_close, dense_ggn
 from tests.cases import make_case
 from tests.test_kron_exact import METHODS, fitted, ggn_blocks, to_wb
@@ -272,9 +272,15 @@ def test_rank_deficient_estimate_is_finite_and_solve_needs_damping() -> None:
             estimate.solve(v, 0.0)
 
 
-@pytest.mark.parametrize("t", [1, 3, 8])
-def test_eigenbasis_squares_routes_agree(t: int) -> None:
-    """The one-matmul, per-example and Gram routes all equal Σ_{n,k} (U_outᵀ U_{n,k} U_in)^{∘2}."""
+@pytest.mark.parametrize(
+    "t,route",
+    [(1, "auto"), (1, "outer"), (1, "per_example"), (1, "gram"), (3, "auto"), (3, "gram"),
+     (3, "per_example"), (8, "auto"), (8, "gram"), (8, "per_example")],
+)
+def test_eigenbasis_squares_routes_agree(t: int, route: SquaresRoute) -> None:
+    """The one-matmul, per-example (rows rotated at T = 1, 3; formed gradients rotated on both
+    sides at T = 8 > K·d_out, d_in') and Gram routes all equal
+    Σ_{n,k} (U_outᵀ U_{n,k} U_in)^{∘2}."""
     gen = torch.Generator().manual_seed(t)
     inputs = torch.randn(5, t, 4, dtype=torch.float64, generator=gen)
     grads = torch.randn(3, 5, t, 2, dtype=torch.float64, generator=gen)
@@ -283,8 +289,14 @@ def test_eigenbasis_squares_routes_agree(t: int) -> None:
     per_example = torch.einsum("knti,ntj->knij", grads, inputs)
     expected = (basis_out.T @ per_example @ basis_in).square().sum((0, 1))
     for max_elements in (1, 1 << 20):  # chunks of one example, and all at once
-        got = eigenbasis_squares(inputs, grads, basis_in, basis_out, max_elements)
-        assert_close(got, expected, rtol=1e-12, what=f"T={t}")
+        got = eigenbasis_squares(inputs, grads, basis_in, basis_out, max_elements, route)
+        assert_close(got, expected, rtol=1e-12, what=f"T={t}, {route}")
+
+
+def test_eigenbasis_squares_outer_route_needs_one_position() -> None:
+    inputs, grads = torch.randn(2, 3, 4), torch.randn(1, 2, 3, 2)
+    with pytest.raises(ValueError, match="T=3"):
+        eigenbasis_squares(inputs, grads, torch.eye(4), torch.eye(2), route="outer")
 
 
 def test_sequence_type2_per_term_splits_terms() -> None:

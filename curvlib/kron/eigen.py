@@ -32,10 +32,15 @@ routes:
 * no sharing (T = 1): U_outᵀ g ā ᵀ U_in is an outer product, so its square factorises and
   D = c (Σ_k (g̃_k)^{∘2})ᵀ (ã^{∘2}) with g̃ = g U_out, ã = ā U_in — one matmul, no per-example
   gradient is formed;
-* per-example gradients: P_{n,k} = Σ_t g̃_{n,t,k} ã_{n,t}ᵀ, then D = c Σ P^{∘2}
-  (≈ K N T d_out d_in' multiply-adds);
+* per-example gradients: P_{n,k} = U_outᵀ (Σ_t g_{n,t,k} ā_{n,t}ᵀ) U_in, then D = c Σ P^{∘2}
+  (K N T d_out d_in' multiply-adds to form them). Each side is rotated where it is cheaper:
+  the N·T input rows before forming P (N T d_in'² multiply-adds) or the N·K formed gradients
+  after (N K d_out d_in'²) — rows when T < K d_out; likewise the output side, rows
+  (N K T d_out²) when T < d_in', else the gradients (N K d_out² d_in'). On W2's second
+  convolution (T = 256 positions, d_in' = 289, d_out = 64) rotating the gradients on the input
+  side does a quarter of the work of rotating the rows;
 * Gram form: D_ij = c Σ_n Σ_{t,s} (Σ_k g̃_{ntki} g̃_{nski}) (ã_{ntj} ã_{nsj})
-  (≈ N T² d_out d_in' multiply-adds, cheaper when T < K).
+  (≈ N T² d_out d_in' multiply-adds, cheaper when T ≪ K).
 
 Examples are processed in chunks so that no intermediate exceeds ``max_elements`` entries.
 """
@@ -43,6 +48,7 @@ Examples are processed in chunks so that no intermediate exceeds ``max_elements`
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -109,33 +115,55 @@ def _eigh_range(sym: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     return torch.cat([zeros, values]), torch.cat([q[:, k:], q_k @ vectors], dim=1)
 
 
+SquaresRoute = Literal["auto", "outer", "per_example", "gram"]
+
+
 def eigenbasis_squares(
     inputs: Tensor,
     grads: Tensor,
     basis_in: Tensor,
     basis_out: Tensor,
     max_elements: int = 1 << 26,
+    route: SquaresRoute = "auto",
 ) -> Tensor:
-    """Σ_{n,k} (U_outᵀ U_{n,k} U_in)^{∘2} for ā [N, T, d_in'] and g [K, N, T, d_out] (no c)."""
+    """Σ_{n,k} (U_outᵀ U_{n,k} U_in)^{∘2} for ā [N, T, d_in'] and g [K, N, T, d_out] (no c).
+
+    ``route`` forces one of the routes of the module docstring (``"auto"``: the cheapest;
+    ``"outer"`` needs T = 1).
+    """
     n, t, d_in = inputs.shape
     k, d_out = grads.shape[0], grads.shape[-1]
-    result = torch.zeros(d_out, d_in, dtype=inputs.dtype, device=inputs.device)
-    if t == 1:
+    rows_in, rows_out = t < k * d_out, t < d_in  # where per-example gradients rotate rows
+    per_example_cost = (
+        (t * d_in * d_in if rows_in else k * d_out * d_in * d_in)
+        + (k * t * d_out * d_out if rows_out else k * d_out * d_out * d_in)
+        + k * t * d_out * d_in
+    )
+    gram_cost = t * d_in * d_in + k * t * d_out * d_out + t * t * (k * d_out + d_in + d_out * d_in)
+    if route == "auto":
+        route = "outer" if t == 1 else "gram" if gram_cost < per_example_cost else "per_example"
+    if route == "outer" and t != 1:
+        raise ValueError(f"eigenbasis_squares: route='outer' needs one position, got T={t}.")
+    if route == "outer":
         per_example = k * d_out + d_in
-        route = "outer"
+    elif route == "per_example":
+        per_example = k * d_out * d_in + t * (d_in + k * d_out)
     else:
-        per_example_cost = k * t * d_out * d_in
-        gram_cost = t * t * (k * d_out + d_in + d_out * d_in)
-        route = "gram" if gram_cost < per_example_cost else "per_example"
-        per_example = k * d_out * d_in if route == "per_example" else t * t * (d_out + d_in)
+        rows_in = rows_out = True
+        per_example = t * t * (d_out + d_in)
+    result = torch.zeros(d_out, d_in, dtype=inputs.dtype, device=inputs.device)
     chunk = max(1, min(n, max_elements // max(per_example, 1)))
     for start in range(0, n, chunk):
-        a = inputs[start : start + chunk] @ basis_in  # ã [n', T, d_in']
-        g = grads[:, start : start + chunk] @ basis_out  # g̃ [K, n', T, d_out]
+        a = inputs[start : start + chunk]  # ā [n', T, d_in']
+        g = grads[:, start : start + chunk]  # g [K, n', T, d_out]
+        a = a @ basis_in if route == "outer" or rows_in else a
+        g = g @ basis_out if route == "outer" or rows_out else g
         if route == "outer":
             result += g[:, :, 0].square().sum(0).T @ a[:, 0].square()
         elif route == "per_example":
-            per = torch.einsum("knti,ntj->knij", g, a)
+            per = torch.einsum("knti,ntj->knij", g, a)  # [K, n', d_out, d_in']
+            per = per if rows_out else basis_out.T @ per
+            per = per if rows_in else per @ basis_in
             result += per.square().sum((0, 1))
         else:
             gram_out = torch.einsum("knti,knsi->ntsi", g, g)
