@@ -40,24 +40,60 @@ import torch
 from torch import Tensor
 
 
-def gram(rows: Tensor, width: int = 128) -> Tensor:
-    """rowsᵀ rows for rows [M, d], computing only the lower triangle of blocks.
+def gram(
+    rows: Tensor, weights: Tensor | None = None, width: int = 128, chunk: int = 1 << 20
+) -> Tensor:
+    """Σ_m w_m r_m r_mᵀ for rows [M, d] (w_m = 1 without ``weights``), computing only the lower
+    triangle of blocks.
 
     The columns are cut into p = ⌈d / width⌉ blocks, rows = [X₁ … X_p]. Block row i of the lower
-    triangle, X_iᵀ [X₁ … X_i], is one product written straight into the result; the strict upper
-    triangle is its mirror. That is (p + 1)/(2p) of the multiply-adds of one full product in p
-    wide products (which keep the matrix multiply near its peak rate), with the same result: every
-    entry is still one dot product over M.
+    triangle, (w ⊙ X_i)ᵀ [X₁ … X_i], is one product written straight into the result; the strict
+    upper triangle is its mirror. That is (p + 1)/(2p) of the multiply-adds of one full product in
+    p wide products (which keep the matrix multiply near its peak rate), with the same result:
+    every entry is still one dot product over M.
+
+    With weights, the scaled panel w ⊙ X_i is formed for about ``chunk`` entries of rows at a time
+    in one reused buffer and the products accumulate over those row chunks, so no temporary of the
+    rows' size is allocated (for TKFAC's type-2 gradients that would be K·M·d_out entries).
     """
-    d = rows.shape[1]
-    out = rows.new_empty(d, d)
+    m, d = rows.shape
     blocks = -(-d // width)
     bounds = [d * i // blocks for i in range(blocks + 1)]
+    if weights is None:
+        out = rows.new_empty(d, d)
+        for lo, hi in pairwise(bounds):
+            torch.mm(rows[:, lo:hi].T, rows[:, :hi], out=out[lo:hi, :hi])
+    else:
+        out = rows.new_zeros(d, d)
+        widest = -(-d // blocks)
+        step = max(1, chunk // widest)
+        panel = torch.empty_like(rows[:step, :widest])  # the rows' memory order, so no transpose
+        for start in range(0, m, step):
+            part = rows[start : start + step]
+            scale = weights[start : start + step, None]
+            for lo, hi in pairwise(bounds):
+                scaled = torch.mul(part[:, lo:hi], scale, out=panel[: part.shape[0], : hi - lo])
+                out[lo:hi, :hi].addmm_(scaled.T, part[:, :hi])
     for lo, hi in pairwise(bounds):
-        torch.mm(rows[:, lo:hi].T, rows[:, :hi], out=out[lo:hi, :hi])
         # Mirrored in panels of at most ``width`` columns: a whole-triangle transpose would
         # stride through memory far beyond the cache.
         out[:lo, lo:hi] = out[lo:hi, :lo].T
+    return out
+
+
+def squared_norms(rows: Tensor, chunk: int = 1 << 18) -> Tensor:
+    """‖r_m‖² of every row of rows [M, d].
+
+    Squared and summed over chunks of about ``chunk`` entries: no temporary of the rows' size, and
+    a plain sum of products is fast in either memory order of the rows (``vector_norm`` is not on
+    feature-major rows).
+    """
+    m, d = rows.shape
+    out = rows.new_empty(m)
+    step = max(1, chunk // max(d, 1))
+    for start in range(0, m, step):
+        part = rows[start : start + step]
+        torch.sum(part * part, dim=-1, out=out[start : start + step])
     return out
 
 
@@ -213,15 +249,15 @@ class TKFACStatistics(FactorStatistics):
     def batch(
         self, inputs: Tensor, grads: Tensor, scale: float, num_examples: int
     ) -> dict[str, tuple[Tensor, float]]:
-        sq_in = inputs.square().sum(-1)  # ‖ā_m‖², [M]
-        sq_out = grads.square().sum((0, 2))  # Σ_k ‖g_{m,k}‖², [M]
-        w = self.weights.weight(num_examples) * scale
+        k, m, d_out = grads.shape
+        flat = grads.reshape(-1, d_out)  # rows (k, m), k outermost
+        sq_in = squared_norms(inputs)  # ‖ā_m‖², [M]
+        sq_out = squared_norms(flat).view(k, m).sum(0)  # Σ_k ‖g_{m,k}‖², [M]
         count = self.weights.weight(num_examples)
-        phi = gram(sq_out.sqrt().unsqueeze(1) * inputs).mul_(w)
-        weighted = grads * sq_in.sqrt().view(1, -1, 1)  # ‖ā_m‖ g_{m,k}
-        flat = weighted.reshape(-1, grads.shape[-1])
-        return {"delta": (w * (sq_in * sq_out).sum(), count), "Phi_raw": (phi, count),
-                "Psi_raw": (gram(flat).mul_(w), count)}
+        w = count * scale
+        return {"delta": (w * torch.dot(sq_in, sq_out), count),
+                "Phi_raw": (gram(inputs, sq_out).mul_(w), count),
+                "Psi_raw": (gram(flat, sq_in.repeat(k)).mul_(w), count)}
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.Phi_raw.value(), self.Psi_raw.value(), self.delta.value()
