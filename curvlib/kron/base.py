@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -186,6 +187,12 @@ class KroneckerEstimate(CurvatureEstimate):
             terms at once (exact when positions do not mix, the K-FAC-expand approximation
             otherwise); ``"per_term"`` splits them per term (R·C vectors, the exact GGN
             factors, R× the cost). See :mod:`curvlib.kron.collect`.
+        process_group: a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``) whose
+            ranks each see a shard of every batch: each statistics step sums the shards'
+            statistics over the group (two all-reduces) before folding them, so every rank holds
+            the estimate of the whole batch, and MC targets are drawn from rank-specific seeds.
+            Every rank must then make the same calls (``update``/``record``/``refresh``) in the
+            same order. None (default): this process only.
 
     Attributes:
         partition: :meth:`Partition.by_module` over the covered modules.
@@ -210,8 +217,13 @@ class KroneckerEstimate(CurvatureEstimate):
         dtype: torch.dtype | None = None,
         seed: int | None = None,
         type2_columns: Type2Columns = "joint",
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         name = type(self).__name__
+        if process_group is not None and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                f"{name}: process_group was given but torch.distributed is not initialized."
+            )
         check_fisher_type(fisher)
         if type2_columns not in TYPE2_COLUMNS:
             raise ValueError(
@@ -266,6 +278,8 @@ class KroneckerEstimate(CurvatureEstimate):
         self._version = 0
         self._refreshed_version = -1
         self._seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+        self.process_group = process_group
+        self._rank = 0 if process_group is None else dist.get_rank(process_group)
         self._steps = 0
         self._pending: _PendingEmpirical | None = None
         self._replay: list[_Replay] = []
@@ -416,7 +430,9 @@ class KroneckerEstimate(CurvatureEstimate):
     # ------------------------------------------------------------------ internals: steps
     def _next_seed(self) -> int:
         self._steps += 1
-        return (self._seed + self._steps * 0x9E3779B97F4A7C15) % (2**63)
+        # Ranks draw independent MC targets for their shards.
+        return (self._seed + self._steps * 0x9E3779B97F4A7C15 + self._rank * 0xD1B54A32D192ED03
+                ) % (2**63)
 
     def _fingerprint(self) -> tuple[tuple[int, int, int], ...]:
         """Identity, storage and in-place version of every parameter: changes when they do."""
@@ -477,9 +493,12 @@ class KroneckerEstimate(CurvatureEstimate):
             inputs, grads = self._rows(layer, step)
             rows[layer] = (inputs.shape[0], grads.shape[0] * grads.shape[1])
             batches[layer] = stats.batch(inputs, grads, step.scale, step.num_examples)
+        if self.process_group is not None:
+            batches, rows = self._reduce_statistics(batches, rows, step.num_examples)
+        for layer, batch in batches.items():
             # Every statistic is a sum of squares on its diagonal: a finite trace means finite
             # rows (one scalar check instead of a pass over the rows).
-            traces = [n if n.dim() == 0 else n.diagonal().sum() for n, _ in batches[layer].values()]
+            traces = [n if n.dim() == 0 else n.diagonal().sum() for n, _ in batch.values()]
             check_finite(torch.stack(traces), f"The statistics of module {layer!r} (from its "
                          "inputs and backpropagated gradients)")
         for layer, stats in self._stats.items():
@@ -498,11 +517,56 @@ class KroneckerEstimate(CurvatureEstimate):
 
     def _fold_diagonal(self, step: StepData) -> None:
         weight = self._weights.weight(step.num_examples)
+        squares = {}
         for layer, data in step.layers.items():
             basis = self._bases[layer]
-            squares = eigenbasis_squares(data.inputs, data.grads, basis.basis_in,
-                                         basis.basis_out)
-            self._diagonals[layer].add((weight * step.scale) * squares, weight)
+            squares[layer] = eigenbasis_squares(data.inputs, data.grads, basis.basis_in,
+                                                basis.basis_out).mul_(weight * step.scale)
+        if self.process_group is not None:
+            reduced, (examples,) = self._all_reduce(list(squares.values()),
+                                                    [float(step.num_examples)])
+            squares = dict(zip(squares, reduced))
+            weight = self._weights.weight(examples)
+        for layer, numerator in squares.items():
+            self._diagonals[layer].add(numerator, weight)
+
+    def _reduce_statistics(
+        self,
+        batches: dict[str, dict[str, tuple[Tensor, float]]],
+        rows: dict[str, tuple[int, int]],
+        num_examples: int,
+    ) -> tuple[dict[str, dict[str, tuple[Tensor, float]]], dict[str, tuple[int, int]]]:
+        """The shards' batch statistics summed over the process group.
+
+        Numerators are sums over rows, already weighted by each shard's w_b·c_b, so they add.
+        Counts are recomputed for the whole batch: rows for row means, w of all N examples for
+        curvature-scale statistics (Σ N_r for a mean loss; 1 for a sum, as the batch is one).
+        """
+        keys = [(layer, name) for layer, batch in batches.items() for name in batch]
+        scalars = [float(num_examples)] + [float(r) for pair in rows.values() for r in pair]
+        reduced, totals = self._all_reduce([batches[layer][name][0] for layer, name in keys],
+                                           scalars)
+        weight = self._weights.weight(totals[0])
+        rows = {layer: (int(totals[1 + 2 * i]), int(totals[2 + 2 * i]))
+                for i, layer in enumerate(rows)}
+        out: dict[str, dict[str, tuple[Tensor, float]]] = {layer: {} for layer in batches}
+        for (layer, name), numerator in zip(keys, reduced):
+            row_mean = name in self._stats[layer].row_means
+            out[layer][name] = (numerator, float(rows[layer][0]) if row_mean else weight)
+        return out, rows
+
+    def _all_reduce(self, tensors: list[Tensor], scalars: list[float]
+                    ) -> tuple[list[Tensor], list[float]]:
+        """Sum tensors (one flat buffer) and float64 scalars over the process group."""
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, group=self.process_group)
+        totals = torch.tensor(scalars, dtype=torch.float64, device=flat.device)
+        dist.all_reduce(totals, group=self.process_group)
+        out, start = [], 0
+        for t in tensors:
+            out.append(flat[start : start + t.numel()].view_as(t))
+            start += t.numel()
+        return out, totals.tolist()
 
     def _refit_diagonal(self) -> None:
         if self._replay and self._fingerprint() == self._replay_fingerprint:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from itertools import pairwise
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -168,7 +168,12 @@ class FactorStatistics(ABC):
 
     The layer's block is ``(input_factor ⊗ output_factor) / divisor`` in cvec order, that is
     ``V ↦ output_factor · V · input_factor / divisor`` on the [W | b] matrix.
+
+    ``row_means`` names the statistics counted in rows (read as means over rows); every other one
+    is curvature-scale, counted in batch weights w_b.
     """
+
+    row_means: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, weights: CurvatureWeights) -> None:
         self.weights = weights
@@ -212,6 +217,8 @@ class FactorStatistics(ABC):
 
 class KFACStatistics(FactorStatistics):
     """A = mean of ā āᵀ over rows; G = c Σ_{rows,k} g gᵀ (curvature scale)."""
+
+    row_means: ClassVar[frozenset[str]] = frozenset({"A"})
 
     def __init__(self, weights: CurvatureWeights) -> None:
         super().__init__(weights)

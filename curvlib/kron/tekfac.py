@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from curvlib.kron.base import KroneckerEstimate, WeightSharing
@@ -56,9 +57,11 @@ class TEKFAC(KroneckerEstimate):
         seed: int | None = None,
         trace_floor: float = 0.0,
         type2_columns: Type2Columns = "joint",
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__(model, loss_fn, fisher, mc_samples, weight_sharing, ema_decay,
-                         include=include, dtype=dtype, seed=seed, type2_columns=type2_columns)
+                         include=include, dtype=dtype, seed=seed, type2_columns=type2_columns,
+                         process_group=process_group)
         if not float(trace_floor) >= 0.0:
             raise ValueError(f"TEKFAC: trace_floor must be ≥ 0, got {trace_floor!r}.")
         self.trace_floor = float(trace_floor)
