@@ -10,7 +10,9 @@ what hooks see into that form:
   ``weight.view(C_out, -1)``, honouring stride, padding (also ``"same"``) and dilation;
 * :func:`output_rows` reshapes a gradient w.r.t. the layer output to [..., N, T, d_out];
 * :func:`empty_rows` allocates rows in the layout each layer fills without transposing
-  (feature-major for convolutions, whose positions are innermost).
+  (feature-major for convolutions, whose positions are innermost), :func:`empty_grad_rows`
+  gradient rows in the layout of the layer's output gradient (per example [d_out, T] for
+  convolutions).
 
 Then Σ_t g_{n,t} a_{n,t}ᵀ is example n's weight gradient (and Σ_t g_{n,t} its bias gradient).
 
@@ -112,6 +114,21 @@ def empty_rows(
         return torch.empty(*shape, dtype=dtype, device=device)
     storage = torch.empty(shape[-1], *shape[:-1], dtype=dtype, device=device)
     return storage.permute(*range(1, len(shape)), 0)
+
+
+def empty_grad_rows(
+    module: nn.Module, shape: Sequence[int], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """An uninitialised [*B, N, T, d_out] tensor laid out like this layer's output gradient.
+
+    A convolution's gradient holds each example's [d_out, T] block with the positions innermost,
+    so the tensor is stored [*B, N, d_out, T] (transposed); filling it from :func:`output_rows`
+    copies contiguous runs, and the statistics work on those blocks without a transposing copy.
+    """
+    if isinstance(module, nn.Linear):
+        return torch.empty(*shape, dtype=dtype, device=device)
+    *lead, t, d = shape
+    return torch.empty(*lead, d, t, dtype=dtype, device=device).transpose(-1, -2)
 
 
 def layer_inputs(module: nn.Module, x: Tensor, out: Tensor | None = None) -> Tensor:

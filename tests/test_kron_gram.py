@@ -1,11 +1,22 @@
-"""gram and squared_norms: blocked, chunked and mirrored, they equal the plain products."""
+"""gram, squared_norms and their gradient-row forms: blocked, chunked and mirrored, or summed over
+per-example blocks, they equal the plain products."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
-from curvlib.kron.statistics import gram, squared_norms
+from curvlib.capture import LayerCall, output_rows
+from curvlib.kron.collect import layer_data
+from curvlib.kron.layout import LayerLayout
+from curvlib.kron.statistics import (
+    example_blocks,
+    gram,
+    output_gram,
+    output_squared_norms,
+    squared_norms,
+)
 from curvlib.testing import assert_close
 
 
@@ -32,3 +43,38 @@ def test_squared_norms_in_chunks(feature_major: bool, chunk: int) -> None:
     rows = torch.randn(6, 17, dtype=torch.float64, generator=gen)
     rows = rows.T if feature_major else rows.reshape(17, 6)
     assert_close(squared_norms(rows, chunk), rows.square().sum(-1), rtol=1e-12, what="‖r‖²")
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["rows", "per-example-blocks"])
+@pytest.mark.parametrize("chunk", [1, 50, 1 << 18])
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+def test_output_gram_and_norms_in_either_layout(blocked: bool, chunk: int, weighted: bool) -> None:
+    gen = torch.Generator().manual_seed(chunk + weighted)
+    k, n, t, d = 3, 5, 7, 4
+    # a convolution's gradient [K, N, d, T] seen as rows [K, N, T, d], or row-major rows
+    grads = torch.randn(k, n, d, t, dtype=torch.float64, generator=gen).transpose(2, 3) if (
+        blocked) else torch.randn(k, n, t, d, dtype=torch.float64, generator=gen)
+    assert (example_blocks(grads) is not None) == blocked
+    weights = torch.rand(n, t, dtype=torch.float64, generator=gen) if weighted else None
+    rows = grads.reshape(k, n * t, d)
+    scale = torch.ones(n * t, dtype=torch.float64) if weights is None else weights.reshape(-1)
+    expected = torch.einsum("kmi,m,kmj->ij", rows, scale, rows)
+    assert_close(output_gram(grads, weights, chunk=chunk), expected, rtol=1e-12, what="G")
+    assert_close(output_squared_norms(grads, chunk=chunk), rows.square().sum((0, 2)).view(n, t),
+                 rtol=1e-12, what="Σ_k ‖g‖²")
+
+
+@pytest.mark.parametrize("calls", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv_gradient_rows_stay_per_example_blocks(calls: int, dtype: torch.dtype) -> None:
+    conv = nn.Conv2d(2, 3, kernel_size=3, padding=1)
+    layout = LayerLayout("conv", conv, [conv.weight, conv.bias])
+    x = torch.randn(4, 2, 5, 5)
+    recorded = [LayerCall(x, conv(x), 0) for _ in range(calls)]
+    grads = [torch.randn(2, 4, 3, 5, 5) for _ in range(calls)]  # [K, *output.shape]
+    data = layer_data(layout, recorded, grads, dtype)
+    expected = torch.cat([output_rows(conv, g, batch_axes=1) for g in grads], dim=2)
+    assert torch.equal(data.grads, expected.to(dtype))
+    assert example_blocks(data.grads) is not None  # no transposing copy was made
+    if calls == 1 and dtype == torch.float32:
+        assert data.grads.data_ptr() == grads[0].data_ptr()  # a view of the backward's result

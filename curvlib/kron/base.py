@@ -46,6 +46,7 @@ eigenvalues (the reset value), i.e. the estimate equals K-FAC/TKFAC.
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -477,11 +478,13 @@ class KroneckerEstimate(CurvatureEstimate):
         return step_data(self.layouts, capture.calls, grads, c, outputs.shape[0], self.dtype)
 
     def _rows(self, layer: str, step: StepData) -> tuple[Tensor, Tensor]:
-        """(ā rows [M, d_in'], g rows [K, M, d_out]) under the weight-sharing flavour (§2.3)."""
+        """(ā rows [M, d_in'], g rows [K, *R, d_out] with M rows over the axes R) under the
+        weight-sharing flavour (§2.3)."""
         data = step.layers[layer]
         if self.weight_sharing == "expand":  # every (example, position) is a row
-            return (data.inputs.reshape(-1, data.inputs.shape[-1]),
-                    data.grads.reshape(data.grads.shape[0], -1, data.grads.shape[-1]))
+            # g keeps its [K, N, T, d_out] axes: a convolution's gradient, stored per example
+            # with the positions innermost, has no [K, N·T, d_out] view.
+            return data.inputs.reshape(-1, data.inputs.shape[-1]), data.grads
         # reduce: one row per example, the mean input and the summed gradient over positions
         return data.inputs.mean(dim=1), data.grads.sum(dim=2)
 
@@ -491,7 +494,7 @@ class KroneckerEstimate(CurvatureEstimate):
         batches, rows = {}, {}
         for layer, stats in self._stats.items():
             inputs, grads = self._rows(layer, step)
-            rows[layer] = (inputs.shape[0], grads.shape[0] * grads.shape[1])
+            rows[layer] = (inputs.shape[0], math.prod(grads.shape[:-1]))  # M and K·M
             batches[layer] = stats.batch(inputs, grads, step.scale, step.num_examples)
         if self.process_group is not None:
             batches, rows = self._reduce_statistics(batches, rows, step.num_examples)

@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from curvlib.capture import LayerCall, empty_rows, layer_inputs, output_rows
+from curvlib.capture import LayerCall, empty_grad_rows, empty_rows, layer_inputs, output_rows
 from curvlib.kron.layout import LayerLayout
 from curvlib.losses import FisherType, LossFunction
 
@@ -113,9 +113,11 @@ def layer_data(
     """Rows of one layer from its recorded calls and their [K, *output.shape] gradients.
 
     The rows of every call are written into one [N, T_total, d_in'] tensor laid out by
-    :func:`~curvlib.capture.empty_rows` (a single copy, the trailing 1 filled in place), and so are
-    the gradients unless one call's are already rows (a view of the backward's result). Finiteness
-    is checked on the (much smaller) statistics.
+    :func:`~curvlib.capture.empty_rows` (a single copy, the trailing 1 filled in place). The
+    gradients of a single call stay a view of the backward's result ([K, N, d_out, T] transposed
+    for a convolution); several calls, or another dtype, are copied into one
+    :func:`~curvlib.capture.empty_grad_rows` tensor of that layout. Finiteness is checked on the
+    (much smaller) statistics.
 
     Raises:
         ValueError: the layer was not called.
@@ -130,8 +132,11 @@ def layer_data(
     (k, n, _, d_out), device = outputs[0].shape, outputs[0].device
     total = sum(g.shape[2] for g in outputs)
     inputs = empty_rows(module, (n, total, layout.d_cols), dtype, device)
-    single = len(outputs) == 1 and outputs[0].dtype == dtype and outputs[0].is_contiguous()
-    out_rows = outputs[0] if single else empty_rows(module, (k, n, total, d_out), dtype, device)
+    # Either layout suits the statistics: rows that merge into a matrix, or per-example blocks.
+    single = len(outputs) == 1 and outputs[0].dtype == dtype and (
+        outputs[0].is_contiguous() or outputs[0].transpose(-1, -2).is_contiguous())
+    out_rows = outputs[0] if single else empty_grad_rows(module, (k, n, total, d_out), dtype,
+                                                         device)
     start = 0
     for call, g in zip(calls, outputs):
         stop = start + g.shape[2]

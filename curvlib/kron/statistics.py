@@ -97,6 +97,67 @@ def squared_norms(rows: Tensor, chunk: int = 1 << 18) -> Tensor:
     return out
 
 
+def example_blocks(grads: Tensor) -> Tensor | None:
+    """A [K, N, d, T] view of gradient rows g [K, N, T, d] stored per example as [d, T] blocks
+    (a convolution's output gradient as the backward returns it), or None for other layouts.
+
+    Such rows do not merge into one [K·N·T, d] matrix without a transposing copy of all of them;
+    :func:`output_gram` and :func:`output_squared_norms` work on the blocks instead.
+    """
+    if grads.dim() != 4 or grads.shape[2] == 1:
+        return None
+    blocks = grads.transpose(2, 3)
+    return blocks if blocks.is_contiguous() else None
+
+
+def output_gram(grads: Tensor, weights: Tensor | None = None, chunk: int = 1 << 18) -> Tensor:
+    """Σ_{k,m} w_m g_{k,m} g_{k,m}ᵀ for gradient rows g [K, *R, d] (R row axes holding M rows)
+    and row weights w [*R] shared by the K vectors (w_m = 1 without ``weights``).
+
+    Rows that merge into a [K·M, d] matrix go to :func:`gram`. Rows stored as per-example
+    blocks X_{k,n} = [g_{k,n,1} … g_{k,n,T}] ∈ ℝ^{d × T} (:func:`example_blocks`) are summed as
+    Σ_{k,n} (X_{k,n} diag(w_n)) X_{k,n}ᵀ: batched products over about ``chunk`` entries of blocks
+    at a time, whose [B, d, d] results (and scaled blocks) live in reused buffers, so no copy of
+    the rows is made.
+    """
+    blocks = example_blocks(grads)
+    if blocks is None:
+        flat = grads.reshape(-1, grads.shape[-1])
+        if weights is not None:
+            weights = weights.reshape(-1).repeat(grads.shape[0])
+        return gram(flat, weights)
+    k, n, d, t = blocks.shape
+    step = max(1, min(n, chunk // (d * t)))
+    out = blocks.new_zeros(d, d)
+    products = blocks.new_empty(step, d, d)
+    scaled = None if weights is None else blocks.new_empty(step, d, t)
+    for kk in range(k):
+        for start in range(0, n, step):
+            part = blocks[kk, start : start + step]
+            b = part.shape[0]
+            left = part if scaled is None else torch.mul(
+                part, weights[start : start + step, None], out=scaled[:b])
+            torch.bmm(left, part.transpose(1, 2), out=products[:b])
+            out += products[:b].sum(0)
+    return out
+
+
+def output_squared_norms(grads: Tensor, chunk: int = 1 << 18) -> Tensor:
+    """Σ_k ‖g_{k,m}‖² of every row of gradient rows g [K, *R, d], shaped [*R]."""
+    blocks = example_blocks(grads)
+    if blocks is None:
+        k, d = grads.shape[0], grads.shape[-1]
+        return squared_norms(grads.reshape(-1, d)).view(k, -1).sum(0).view(grads.shape[1:-1])
+    k, n, d, t = blocks.shape
+    step = max(1, min(n, chunk // (d * t)))
+    out = blocks.new_zeros(n, t)
+    for kk in range(k):
+        for start in range(0, n, step):
+            part = blocks[kk, start : start + step]
+            out[start : start + step] += (part * part).sum(1)
+    return out
+
+
 class RunningSum:
     """A numerator tensor and a count, summed (exact) or exponentially averaged (EMA).
 
@@ -183,7 +244,8 @@ class FactorStatistics(ABC):
         self, inputs: Tensor, grads: Tensor, scale: float, num_examples: int
     ) -> dict[str, tuple[Tensor, float]]:
         """One batch's (numerator, count) per running statistic, from rows ā [M, d_in'] and
-        g [K, M, d_out] and the batch's c and N; :meth:`fold` adds them."""
+        g [K, *R, d_out] (row axes R holding the same M rows in the same order, e.g. (N, T)) and
+        the batch's c and N; :meth:`fold` adds them."""
 
     def fold(self, batch: dict[str, tuple[Tensor, float]]) -> None:
         """Add a :meth:`batch` to the running statistics."""
@@ -228,10 +290,9 @@ class KFACStatistics(FactorStatistics):
     def batch(
         self, inputs: Tensor, grads: Tensor, scale: float, num_examples: int
     ) -> dict[str, tuple[Tensor, float]]:
-        flat = grads.reshape(-1, grads.shape[-1])
         w = self.weights.weight(num_examples)
         return {"A": (gram(inputs), float(inputs.shape[0])),
-                "G": (gram(flat).mul_(w * scale), w)}
+                "G": (output_gram(grads).mul_(w * scale), w)}
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         a = self.A.value()
@@ -256,15 +317,13 @@ class TKFACStatistics(FactorStatistics):
     def batch(
         self, inputs: Tensor, grads: Tensor, scale: float, num_examples: int
     ) -> dict[str, tuple[Tensor, float]]:
-        k, m, d_out = grads.shape
-        flat = grads.reshape(-1, d_out)  # rows (k, m), k outermost
         sq_in = squared_norms(inputs)  # ‖ā_m‖², [M]
-        sq_out = squared_norms(flat).view(k, m).sum(0)  # Σ_k ‖g_{m,k}‖², [M]
+        sq_out = output_squared_norms(grads).reshape(-1)  # Σ_k ‖g_{m,k}‖², [M]
         count = self.weights.weight(num_examples)
         w = count * scale
         return {"delta": (w * torch.dot(sq_in, sq_out), count),
                 "Phi_raw": (gram(inputs, sq_out).mul_(w), count),
-                "Psi_raw": (gram(flat, sq_in.repeat(k)).mul_(w), count)}
+                "Psi_raw": (output_gram(grads, sq_in.view(grads.shape[1:-1])).mul_(w), count)}
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.Phi_raw.value(), self.Psi_raw.value(), self.delta.value()
