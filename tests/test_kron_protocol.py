@@ -161,6 +161,37 @@ def test_tied_calls_and_conv1d_keep_the_trace(name: str) -> None:
         assert_close(estimate.trace(), torch.trace(reference), rtol=1e-10, what="trace")
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_reused_input_rows_give_the_statistics_of_fresh_ones(
+    method: type[KroneckerEstimate],
+) -> None:
+    """K-FAC/TKFAC write each step's input rows over the previous step's (dropped once folded),
+    through update() and record() alike; EKFAC/TEKFAC keep their latest step and never reuse."""
+    model, loss_fn, x, y = make_case("conv1d", "cross_entropy", "mean", batch=6)
+    steps = [(x[:3], y[:3]), (x[3:], y[3:]), (x[:3], y[:3])]
+    fresh = method(model, loss_fn, fisher="mc", seed=5)
+    fresh._workspace = None
+    reused = method(model, loss_fn, fisher="mc", seed=5)
+    if method.refits_diagonal:
+        assert reused._workspace is None
+        return
+    for i, (bx, by) in enumerate(steps):
+        fresh.update(bx, by)
+        held = {layer: rows.data_ptr() for layer, rows in reused._workspace.items()}
+        if i == 1:
+            recorded(reused, bx, by)
+        else:
+            reused.update(bx, by)
+        if i > 0:
+            assert held == {layer: rows.data_ptr() for layer, rows in reused._workspace.items()}
+    assert held
+    for layer, expected in fresh.factors().items():
+        got = reused.factors()[layer]
+        for key in ("A", "G", "delta", "Phi_raw", "Psi_raw"):
+            if key in expected:
+                assert_close(got[key], expected[key], rtol=1e-12, what=f"{layer} {key}")
+
+
 # ---------------------------------------------------------------------------- numerics
 def test_float32_model_matches_float64() -> None:
     model, loss_fn, x, y = make_case("cnn", "cross_entropy", "mean", batch=4)

@@ -287,6 +287,10 @@ class KroneckerEstimate(CurvatureEstimate):
         self._replay_fingerprint: tuple[tuple[int, int, int], ...] = ()
         self._last: StepData | None = None
         self._last_step = -1
+        # Input rows reused by the next statistics step (curvlib.kron.collect.step_data): K-FAC
+        # and TKFAC drop each step once folded; EKFAC/TEKFAC keep theirs (self._last, state
+        # dicts) and allocate anew.
+        self._workspace: dict[str, Tensor] | None = None if self.refits_diagonal else {}
 
     # ------------------------------------------------------------------ method hooks
     @staticmethod
@@ -475,7 +479,8 @@ class KroneckerEstimate(CurvatureEstimate):
         )
         grads = _grad_outputs(capture, outputs, vectors)
         c = self.loss.reduction_factor(outputs.detach(), targets)
-        return step_data(self.layouts, capture.calls, grads, c, outputs.shape[0], self.dtype)
+        return step_data(self.layouts, capture.calls, grads, c, outputs.shape[0], self.dtype,
+                         self._workspace)
 
     def _rows(self, layer: str, step: StepData) -> tuple[Tensor, Tensor]:
         """(ā rows [M, d_in'], g rows [K, *R, d_out] with M rows over the axes R) under the

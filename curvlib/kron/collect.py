@@ -109,6 +109,7 @@ def layer_data(
     calls: list[LayerCall],
     grads: list[Tensor],
     dtype: torch.dtype,
+    reuse: Tensor | None = None,
 ) -> LayerData:
     """Rows of one layer from its recorded calls and their [K, *output.shape] gradients.
 
@@ -118,6 +119,11 @@ def layer_data(
     for a convolution); several calls, or another dtype, are copied into one
     :func:`~curvlib.capture.empty_grad_rows` tensor of that layout. Finiteness is checked on the
     (much smaller) statistics.
+
+    ``reuse``, the ``inputs`` of an earlier :class:`LayerData` of this layer that nothing holds any
+    more, is overwritten instead of allocating when its shape and dtype fit: a fresh allocation of
+    tens of MB comes straight from the operating system, and first touching its pages costs
+    several times the copy itself.
 
     Raises:
         ValueError: the layer was not called.
@@ -131,7 +137,9 @@ def layer_data(
     outputs = [output_rows(module, g, batch_axes=1) for g in grads]  # views [K, N, T, d_out]
     (k, n, _, d_out), device = outputs[0].shape, outputs[0].device
     total = sum(g.shape[2] for g in outputs)
-    inputs = empty_rows(module, (n, total, layout.d_cols), dtype, device)
+    shape = (n, total, layout.d_cols)
+    fits = reuse is not None and (reuse.shape, reuse.dtype, reuse.device) == (shape, dtype, device)
+    inputs = reuse if fits else empty_rows(module, shape, dtype, device)
     # Either layout suits the statistics: rows that merge into a matrix, or per-example blocks.
     single = len(outputs) == 1 and outputs[0].dtype == dtype and (
         outputs[0].is_contiguous() or outputs[0].transpose(-1, -2).is_contiguous())
@@ -157,10 +165,18 @@ def step_data(
     scale: float,
     num_examples: int,
     dtype: torch.dtype,
+    workspace: dict[str, Tensor] | None = None,
 ) -> StepData:
-    """Assemble a :class:`StepData` for every covered layer."""
-    layers = {
-        name: layer_data(layout, calls[name], grads[name], dtype)
-        for name, layout in layouts.items()
-    }
+    """Assemble a :class:`StepData` for every covered layer.
+
+    With a ``workspace`` (layer name → input rows), each layer's input rows are written over the
+    ones it holds (see ``reuse`` of :func:`layer_data`), and it then holds the new ones: pass it
+    only when no earlier :class:`StepData` from it is still in use.
+    """
+    layers = {}
+    for name, layout in layouts.items():
+        reuse = None if workspace is None else workspace.get(name)
+        layers[name] = layer_data(layout, calls[name], grads[name], dtype, reuse)
+        if workspace is not None:
+            workspace[name] = layers[name].inputs
     return StepData(layers, scale, num_examples)
