@@ -406,7 +406,8 @@ class KroneckerEstimate(CurvatureEstimate):
             for name, calls in pending.calls.items()
         }
         self._fold(step_data(self.layouts, pending.calls, grads, c,
-                             pending.outputs.shape[0], self.dtype), pending.step)
+                             pending.outputs.shape[0], self.dtype, self._workspace),
+                   pending.step)
 
     def refresh(self) -> None:
         """Eigendecompose every layer's factors; EKFAC/TEKFAC reset and refit their diagonal."""
