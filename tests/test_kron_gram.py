@@ -11,6 +11,7 @@ from curvlib.capture import LayerCall, output_rows
 from curvlib.kron.collect import layer_data
 from curvlib.kron.layout import LayerLayout
 from curvlib.kron.statistics import (
+    RunningSum,
     example_blocks,
     gram,
     output_gram,
@@ -34,6 +35,28 @@ def test_gram_equals_the_full_product(
     expected = rows.T @ (rows if weights is None else weights[:, None] * rows)
     got = gram(rows, weights, width=width, chunk=chunk)
     assert_close(got, expected, rtol=1e-12, what="gram")
+    lower = gram(rows, weights, width=width, chunk=chunk, mirror=False)
+    assert_close(lower.tril(), expected.tril(), rtol=1e-12, what="lower storage")
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.6])
+@pytest.mark.parametrize("total", [False, True])
+def test_running_sum_of_lower_storage_reads_the_symmetric_matrix(
+    ema_decay: float | None, total: bool
+) -> None:
+    """Numerators accumulated in lower storage (upper blocks garbage or zero) read as the full
+    symmetric statistic, exactly as full numerators would."""
+    gen = torch.Generator().manual_seed(7)
+    batches = [torch.randn(9, 6, dtype=torch.float64, generator=gen) for _ in range(3)]
+    lower = RunningSum(ema_decay, total=total, symmetric=True)
+    full = RunningSum(ema_decay, total=total)
+    for rows in batches:
+        numerator = gram(rows, width=2, mirror=False)
+        numerator += torch.randn(6, 6, dtype=torch.float64, generator=gen).triu(2)  # ignored
+        lower.add(numerator, 9.0)
+        full.add(rows.T @ rows, 9.0)
+    assert_close(lower.value(), full.value(), rtol=1e-12, what="read")
+    assert torch.equal(lower.value(), lower.value().T)
 
 
 @pytest.mark.parametrize("feature_major", [False, True], ids=["row-major", "feature-major"])

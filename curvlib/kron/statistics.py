@@ -41,7 +41,8 @@ from torch import Tensor
 
 
 def gram(
-    rows: Tensor, weights: Tensor | None = None, width: int = 128, chunk: int = 1 << 20
+    rows: Tensor, weights: Tensor | None = None, width: int = 128, chunk: int = 1 << 20,
+    mirror: bool = True,
 ) -> Tensor:
     """Σ_m w_m r_m r_mᵀ for rows [M, d] (w_m = 1 without ``weights``), computing only the lower
     triangle of blocks.
@@ -55,12 +56,16 @@ def gram(
     With weights, the scaled panel w ⊙ X_i is formed for about ``chunk`` entries of rows at a time
     in one reused buffer and the products accumulate over those row chunks, so no temporary of the
     rows' size is allocated (for TKFAC's type-2 gradients that would be K·M·d_out entries).
+
+    ``mirror=False`` leaves the blocks above the diagonal blocks at zero: the *lower storage* the
+    running statistics accumulate (:class:`RunningSum` with ``symmetric=True`` mirrors once, when
+    read), which saves the strided mirror copy on every statistics step.
     """
     m, d = rows.shape
     blocks = -(-d // width)
     bounds = [d * i // blocks for i in range(blocks + 1)]
     if weights is None:
-        out = rows.new_empty(d, d)
+        out = rows.new_empty(d, d) if mirror else rows.new_zeros(d, d)
         for lo, hi in pairwise(bounds):
             torch.mm(rows[:, lo:hi].T, rows[:, :hi], out=out[lo:hi, :hi])
     else:
@@ -74,6 +79,8 @@ def gram(
             for lo, hi in pairwise(bounds):
                 scaled = torch.mul(part[:, lo:hi], scale, out=panel[: part.shape[0], : hi - lo])
                 out[lo:hi, :hi].addmm_(scaled.T, part[:, :hi])
+    if not mirror:
+        return out
     for lo, hi in pairwise(bounds):
         # Mirrored in panels of at most ``width`` columns: a whole-triangle transpose would
         # stride through memory far beyond the cache.
@@ -110,7 +117,8 @@ def example_blocks(grads: Tensor) -> Tensor | None:
     return blocks if blocks.is_contiguous() else None
 
 
-def output_gram(grads: Tensor, weights: Tensor | None = None, chunk: int = 1 << 18) -> Tensor:
+def output_gram(grads: Tensor, weights: Tensor | None = None, chunk: int = 1 << 18,
+                mirror: bool = True) -> Tensor:
     """Σ_{k,m} w_m g_{k,m} g_{k,m}ᵀ for gradient rows g [K, *R, d] (R row axes holding M rows)
     and row weights w [*R] shared by the K vectors (w_m = 1 without ``weights``).
 
@@ -118,14 +126,14 @@ def output_gram(grads: Tensor, weights: Tensor | None = None, chunk: int = 1 << 
     blocks X_{k,n} = [g_{k,n,1} … g_{k,n,T}] ∈ ℝ^{d × T} (:func:`example_blocks`) are summed as
     Σ_{k,n} (X_{k,n} diag(w_n)) X_{k,n}ᵀ: batched products over about ``chunk`` entries of blocks
     at a time, whose [B, d, d] results (and scaled blocks) live in reused buffers, so no copy of
-    the rows is made.
+    the rows is made. ``mirror`` as in :func:`gram` (the blocks' products are always full).
     """
     blocks = example_blocks(grads)
     if blocks is None:
         flat = grads.reshape(-1, grads.shape[-1])
         if weights is not None:
             weights = weights.reshape(-1).repeat(grads.shape[0])
-        return gram(flat, weights)
+        return gram(flat, weights, mirror=mirror)
     k, n, d, t = blocks.shape
     step = max(1, min(n, chunk // (d * t)))
     out = blocks.new_zeros(d, d)
@@ -164,11 +172,16 @@ class RunningSum:
     Args:
         ema_decay: None for exact sums, else β ∈ [0, 1).
         total: read the numerator itself instead of numerator / count (sum reduction, exact).
+        symmetric: the numerators are symmetric matrices in lower storage (``gram(...,
+            mirror=False)``: only entries on or below the diagonal are meaningful); the value
+            read is the full symmetric matrix.
     """
 
-    def __init__(self, ema_decay: float | None, total: bool = False) -> None:
+    def __init__(self, ema_decay: float | None, total: bool = False,
+                 symmetric: bool = False) -> None:
         self.ema_decay = ema_decay
         self.total = total
+        self.symmetric = symmetric
         self.numerator: Tensor | None = None
         self.count: float = 0.0
 
@@ -193,9 +206,13 @@ class RunningSum:
         return self.numerator is None or self.count == 0.0
 
     def value(self) -> Tensor:
-        """The statistic as read: numerator / count, or the numerator for a total."""
+        """The statistic as read: numerator / count, or the numerator for a total (a new
+        tensor either way)."""
         if self.numerator is None or self.count == 0.0:
             raise ValueError("A Kronecker statistic was read before any data was added.")
+        if self.symmetric:
+            full = self.numerator.tril() + self.numerator.tril(-1).T
+            return full if self.total else full.div_(self.count)
         return self.numerator.clone() if self.total else self.numerator / self.count
 
     def state_dict(self) -> dict[str, Any]:
@@ -215,9 +232,10 @@ class CurvatureWeights:
         self.reduction = reduction
         self.ema_decay = ema_decay
 
-    def running(self) -> RunningSum:
-        """A fresh curvature-scale statistic."""
-        return RunningSum(self.ema_decay, total=self.reduction == "sum" and self.ema_decay is None)
+    def running(self, symmetric: bool = False) -> RunningSum:
+        """A fresh curvature-scale statistic (``symmetric``: see :class:`RunningSum`)."""
+        return RunningSum(self.ema_decay, total=self.reduction == "sum" and self.ema_decay is None,
+                          symmetric=symmetric)
 
     def weight(self, num_examples: int) -> float:
         """w_b of a batch of N_b examples."""
@@ -284,15 +302,15 @@ class KFACStatistics(FactorStatistics):
 
     def __init__(self, weights: CurvatureWeights) -> None:
         super().__init__(weights)
-        self.A = RunningSum(weights.ema_decay)
-        self.G = weights.running()
+        self.A = RunningSum(weights.ema_decay, symmetric=True)
+        self.G = weights.running(symmetric=True)
 
     def batch(
         self, inputs: Tensor, grads: Tensor, scale: float, num_examples: int
     ) -> dict[str, tuple[Tensor, float]]:
         w = self.weights.weight(num_examples)
-        return {"A": (gram(inputs), float(inputs.shape[0])),
-                "G": (output_gram(grads).mul_(w * scale), w)}
+        return {"A": (gram(inputs, mirror=False), float(inputs.shape[0])),
+                "G": (output_gram(grads, mirror=False).mul_(w * scale), w)}
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         a = self.A.value()
@@ -311,8 +329,8 @@ class TKFACStatistics(FactorStatistics):
     def __init__(self, weights: CurvatureWeights) -> None:
         super().__init__(weights)
         self.delta = weights.running()
-        self.Phi_raw = weights.running()
-        self.Psi_raw = weights.running()
+        self.Phi_raw = weights.running(symmetric=True)
+        self.Psi_raw = weights.running(symmetric=True)
 
     def batch(
         self, inputs: Tensor, grads: Tensor, scale: float, num_examples: int
@@ -322,8 +340,9 @@ class TKFACStatistics(FactorStatistics):
         count = self.weights.weight(num_examples)
         w = count * scale
         return {"delta": (w * torch.dot(sq_in, sq_out), count),
-                "Phi_raw": (gram(inputs, sq_out).mul_(w), count),
-                "Psi_raw": (output_gram(grads, sq_in.view(grads.shape[1:-1])).mul_(w), count)}
+                "Phi_raw": (gram(inputs, sq_out, mirror=False).mul_(w), count),
+                "Psi_raw": (output_gram(grads, sq_in.view(grads.shape[1:-1]), mirror=False)
+                            .mul_(w), count)}
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.Phi_raw.value(), self.Psi_raw.value(), self.delta.value()
