@@ -14,6 +14,7 @@ from curvlib.kron.statistics import (
     RunningSum,
     example_blocks,
     gram,
+    mirror_lower,
     output_gram,
     output_squared_norms,
     squared_norms,
@@ -57,6 +58,17 @@ def test_running_sum_of_lower_storage_reads_the_symmetric_matrix(
         full.add(rows.T @ rows, 9.0)
     assert_close(lower.value(), full.value(), rtol=1e-12, what="read")
     assert torch.equal(lower.value(), lower.value().T)
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 128])
+def test_mirror_lower_overwrites_the_upper_triangle(width: int) -> None:
+    """Panels and diagonal blocks alike: whatever the strict upper triangle held (NaN here), it
+    becomes the transpose of the strict lower one."""
+    lower = torch.randn(7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(width))
+    expected = lower.tril() + lower.tril(-1).T
+    garbage = lower.clone()
+    garbage[torch.ones(7, 7, dtype=torch.bool).triu(1)] = float("nan")
+    assert torch.equal(mirror_lower(garbage, width), expected)
 
 
 @pytest.mark.parametrize("feature_major", [False, True], ids=["row-major", "feature-major"])

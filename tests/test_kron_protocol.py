@@ -165,31 +165,46 @@ def test_tied_calls_and_conv1d_keep_the_trace(name: str) -> None:
 def test_reused_input_rows_give_the_statistics_of_fresh_ones(
     method: type[KroneckerEstimate],
 ) -> None:
-    """K-FAC/TKFAC write each step's input rows over the previous step's (dropped once folded),
-    through update() and record() alike; EKFAC/TEKFAC keep their latest step and never reuse."""
+    """Each statistics step writes its input rows over a free earlier step's, through update()
+    and record() alike: K-FAC/TKFAC over the previous step's (dropped once folded), EKFAC/TEKFAC
+    over the step's before the last (the last is kept for the diagonal refit). Factors, the
+    diagonal folded in between and a state dict saved in between are those of fresh rows."""
     model, loss_fn, x, y = make_case("conv1d", "cross_entropy", "mean", batch=6)
-    steps = [(x[:3], y[:3]), (x[3:], y[3:]), (x[:3], y[:3])]
+    steps = [(x[i : i + 3], y[i : i + 3]) for i in (0, 3, 1, 2)]
     fresh = method(model, loss_fn, fisher="mc", seed=5)
-    fresh._workspace = None
     reused = method(model, loss_fn, fisher="mc", seed=5)
-    if method.refits_diagonal:
-        assert reused._workspace is None
-        return
+    # No refresh on reads: a recorded step cannot be replayed into a new basis as updates are.
+    fresh.auto_refresh = reused.auto_refresh = False
+    rows: list[dict[str, int]] = []  # storage of each step's input rows, per layer
     for i, (bx, by) in enumerate(steps):
+        fresh._workspace = None  # type: ignore[assignment]  # allocate every step
         fresh.update(bx, by)
-        held = {layer: rows.data_ptr() for layer, rows in reused._workspace.items()}
         if i == 1:
             recorded(reused, bx, by)
         else:
             reused.update(bx, by)
-        if i > 0:
-            assert held == {layer: rows.data_ptr() for layer, rows in reused._workspace.items()}
-    assert held
+        held = reused._last.layers if method.refits_diagonal else None
+        rows.append({layer: (held[layer].inputs if held else inputs).data_ptr()
+                     for layer, inputs in (held or reused._workspace).items()})
+        if i == 0:
+            fresh.refresh()
+            reused.refresh()
+            saved = reused.state_dict()
+            saved_rows = {k: d[0].clone() for k, d in saved["last"]["layers"].items()} \
+                if method.refits_diagonal else {}
+    assert rows[0] and rows[2] == rows[0] and rows[3] == rows[1]
+    if method.refits_diagonal:
+        assert all(rows[1][layer] != ptr for layer, ptr in rows[0].items())
+        for layer, expected in saved_rows.items():
+            assert torch.equal(saved["last"]["layers"][layer][0], expected)
+    else:
+        assert rows[1] == rows[0]
     for layer, expected in fresh.factors().items():
         got = reused.factors()[layer]
         for key in ("A", "G", "delta", "Phi_raw", "Psi_raw"):
             if key in expected:
                 assert_close(got[key], expected[key], rtol=1e-12, what=f"{layer} {key}")
+    assert_close(reused.to_dense(), fresh.to_dense(), rtol=1e-12, what="curvature")
 
 
 # ---------------------------------------------------------------------------- numerics

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvlib.losses import LossFunction
+from curvlib.losses import LossFunction, all_finite
 from curvlib.testing import assert_close
 
 # (loss, outputs shape, targets maker)
@@ -88,3 +88,12 @@ def test_ignore_index_changes_the_count_and_zeros_the_terms() -> None:
     f = outputs.clone().requires_grad_()
     (grad,) = torch.autograd.grad(module(f, targets), f)
     assert_close(fn.gradients(outputs, targets)[0] / 6, grad)
+
+
+@pytest.mark.parametrize(
+    "values,finite",
+    [([1.0, -2.0], True), ([], True), ([1.0, float("nan")], False), ([float("inf"), 0.0], False),
+     ([float("inf"), -float("inf")], False), ([3e38, 3e38], True)],  # the last sum overflows
+)
+def test_all_finite(values: list[float], finite: bool) -> None:
+    assert all_finite(torch.tensor(values, dtype=torch.float32)) is finite

@@ -69,7 +69,7 @@ from curvlib.kron.collect import (
     backprop_vectors,
     step_data,
 )
-from curvlib.kron.eigen import eigenbasis_squares, eigh_psd
+from curvlib.kron.eigen import eigenbasis_squares, eigh_psd, pad_columns
 from curvlib.kron.layout import LayerLayout
 from curvlib.kron.statistics import CurvatureWeights, FactorStatistics, RunningSum
 from curvlib.losses import FisherType, LossFunction, check_finite, check_fisher_type
@@ -287,10 +287,14 @@ class KroneckerEstimate(CurvatureEstimate):
         self._replay_fingerprint: tuple[tuple[int, int, int], ...] = ()
         self._last: StepData | None = None
         self._last_step = -1
-        # Input rows reused by the next statistics step (curvlib.kron.collect.step_data): K-FAC
-        # and TKFAC drop each step once folded; EKFAC/TEKFAC keep theirs (self._last, state
-        # dicts) and allocate anew.
-        self._workspace: dict[str, Tensor] | None = None if self.refits_diagonal else {}
+        # Input rows that the next statistics step overwrites (curvlib.kron.collect.step_data)
+        # instead of allocating: K-FAC and TKFAC drop each step once folded, so it is the last
+        # step's; EKFAC/TEKFAC keep their last step (self._last), so it is the one before
+        # (double buffering; state dicts copy self._last so that nothing else holds either).
+        self._workspace: dict[str, Tensor] = {}
+        # Eigenbasis → its bases with zero columns up to a fast width (eigen.pad_columns), made
+        # once per refresh instead of once per diagonal fold.
+        self._padded: dict[str, tuple[Eigenbasis, Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------ method hooks
     @staticmethod
@@ -519,7 +523,11 @@ class KroneckerEstimate(CurvatureEstimate):
             }
         self._version += 1
         if self.refits_diagonal:
-            self._last = step
+            # step_data wrote this step's rows over the workspace's: the previous last step's
+            # rows are the ones free now.
+            previous, self._last = self._last, step
+            self._workspace = {} if previous is None else {
+                layer: data.inputs for layer, data in previous.layers.items()}
             self._last_step = self._steps if step_id is None else step_id
             if self._bases:
                 self._fold_diagonal(step)
@@ -528,9 +536,9 @@ class KroneckerEstimate(CurvatureEstimate):
         weight = self._weights.weight(step.num_examples)
         squares = {}
         for layer, data in step.layers.items():
-            basis = self._bases[layer]
-            squares[layer] = eigenbasis_squares(data.inputs, data.grads, basis.basis_in,
-                                                basis.basis_out).mul_(weight * step.scale)
+            basis_in, basis_out = self._padded_bases(layer)
+            squares[layer] = eigenbasis_squares(data.inputs, data.grads, basis_in,
+                                                basis_out).mul_(weight * step.scale)
         if self.process_group is not None:
             reduced, (examples,) = self._all_reduce(list(squares.values()),
                                                     [float(step.num_examples)])
@@ -538,6 +546,15 @@ class KroneckerEstimate(CurvatureEstimate):
             weight = self._weights.weight(examples)
         for layer, numerator in squares.items():
             self._diagonals[layer].add(numerator, weight)
+
+    def _padded_bases(self, layer: str) -> tuple[Tensor, Tensor]:
+        """The layer's current bases with zero columns up to a fast width, made once per basis."""
+        basis = self._bases[layer]
+        cached = self._padded.get(layer)
+        if cached is None or cached[0] is not basis:
+            cached = (basis, pad_columns(basis.basis_in), pad_columns(basis.basis_out))
+            self._padded[layer] = cached
+        return cached[1], cached[2]
 
     def _reduce_statistics(
         self,
@@ -745,7 +762,8 @@ class KroneckerEstimate(CurvatureEstimate):
         last = None
         if self._last is not None:
             last = {
-                "layers": {k: (d.inputs, d.grads) for k, d in self._last.layers.items()},
+                "layers": {k: (d.inputs.clone(), d.grads.clone())
+                           for k, d in self._last.layers.items()},
                 "scale": self._last.scale,
                 "num_examples": self._last.num_examples,
                 "step": self._last_step,
@@ -801,8 +819,9 @@ class KroneckerEstimate(CurvatureEstimate):
         last = state["last"]
         self._last, self._last_step = None, -1
         if last is not None:
+            # Copies: the rows become a statistics workspace later, and are overwritten then.
             self._last = StepData(
-                {k: LayerData(*d) for k, d in last["layers"].items()},
+                {k: LayerData(*(t.clone() for t in d)) for k, d in last["layers"].items()},
                 last["scale"], last["num_examples"],
             )
             self._last_step = int(last["step"])

@@ -1,6 +1,8 @@
 """Eigendecompositions of Kronecker factors and the diagonal fit in a Kronecker eigenbasis.
 
-**Eigendecomposition** (pitfall P8). A factor is symmetrised, decomposed in its own dtype (at least
+**Eigendecomposition** (pitfall P8). A factor is symmetric as read — the running statistics
+accumulate its lower triangle and mirror it (:func:`~curvlib.kron.statistics.mirror_lower`), and
+LAPACK reads the lower triangle alone. It is decomposed in its own dtype (at least
 float32: statistics never accumulate in less), retried in float64 if the solver fails or returns
 non-finite values, and its eigenvalues are clamped at 0 — a factor is a sum of outer products, so
 negative eigenvalues are rounding noise and would make the damped inverse blow up.
@@ -53,6 +55,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from curvlib.losses import all_finite, check_finite
+
 LOW_RANK_OVERSAMPLING = 8
 LOW_RANK_MAX_FRACTION = 0.4
 
@@ -62,6 +66,9 @@ def eigh_psd(
 ) -> tuple[Tensor, Tensor]:
     """(eigenvalues ≥ 0, orthonormal eigenvectors) of a symmetric positive semi-definite factor.
 
+    ``matrix`` must be symmetric (the full solver reads its lower triangle, the range-only one
+    all of it).
+
     Eigenvalues are in ascending order. ``rank_bound`` (the number of rows the factor was summed
     from, if known) enables the range-only decomposition of the module docstring when
     ``rank_bound + LOW_RANK_OVERSAMPLING ≤ LOW_RANK_MAX_FRACTION · d``.
@@ -69,22 +76,20 @@ def eigh_psd(
     Raises:
         ValueError: the factor is not finite, or no eigendecomposition succeeds even in float64.
     """
-    if not bool(torch.isfinite(matrix).all()):
-        raise ValueError(f"{what} is not finite (contains NaN or inf).")
-    sym = 0.5 * (matrix + matrix.T)
-    work = sym if sym.dtype == torch.float64 else sym.to(torch.float32)
+    check_finite(matrix, what)
+    work = matrix if matrix.dtype == torch.float64 else matrix.to(torch.float32)
     if rank_bound is not None:
         k = rank_bound + LOW_RANK_OVERSAMPLING
-        if k <= LOW_RANK_MAX_FRACTION * sym.shape[0]:
+        if k <= LOW_RANK_MAX_FRACTION * matrix.shape[0]:
             found = _eigh_range(work, k)
             if found is not None:
                 return found[0].clamp_min(0).to(matrix.dtype), found[1].to(matrix.dtype)
-    for attempt in (work, sym.to(torch.float64)):
+    for attempt in (work, matrix.to(torch.float64)):
         try:
             values, vectors = torch.linalg.eigh(attempt)
         except torch.linalg.LinAlgError:
             continue
-        if bool(torch.isfinite(values).all()) and bool(torch.isfinite(vectors).all()):
+        if all_finite(values) and all_finite(vectors):
             return values.clamp_min(0).to(matrix.dtype), vectors.to(matrix.dtype)
     raise ValueError(f"The eigendecomposition of {what} failed, also in float64.")
 
@@ -109,7 +114,7 @@ def _eigh_range(sym: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     # Rounding alone leaves ≈ eps·√d of the probe's image outside the computed range (measured
     # 0.3–2.5 eps·√d in float32 and float64); a missed direction leaves its eigenvalue's share.
     tolerance = 20 * math.sqrt(d) * torch.finfo(sym.dtype).eps * float(check.norm())
-    if not (bool(torch.isfinite(values).all()) and float(residual.norm()) <= tolerance):
+    if not (all_finite(values) and float(residual.norm()) <= tolerance):
         return None
     zeros = values.new_zeros(d - k)
     return torch.cat([zeros, values]), torch.cat([q[:, k:], q_k @ vectors], dim=1)
@@ -123,13 +128,16 @@ def eigenbasis_squares(
     grads: Tensor,
     basis_in: Tensor,
     basis_out: Tensor,
-    max_elements: int = 1 << 26,
+    max_elements: int = 1 << 19,
     route: SquaresRoute = "auto",
 ) -> Tensor:
     """Σ_{n,k} (U_outᵀ U_{n,k} U_in)^{∘2} for ā [N, T, d_in'] and g [K, N, T, d_out] (no c).
 
-    ``route`` forces one of the routes of the module docstring (``"auto"``: the cheapest;
-    ``"outer"`` needs T = 1).
+    The bases may carry zero columns beyond their size (:func:`pad_columns`, which is applied
+    here otherwise); the result is d_out × d_in'. ``route`` forces one of the routes of the module
+    docstring (``"auto"``: the cheapest; ``"outer"`` needs T = 1). ``max_elements`` bounds one
+    chunk's intermediates: chunks that stay in cache, each product writing into one reused
+    buffer, are ≈1.5× faster than whole-batch products on W2's convolutions (measured, CPU).
     """
     n, t, d_in = inputs.shape
     k, d_out = grads.shape[0], grads.shape[-1]
@@ -144,29 +152,59 @@ def eigenbasis_squares(
         route = "outer" if t == 1 else "gram" if gram_cost < per_example_cost else "per_example"
     if route == "outer" and t != 1:
         raise ValueError(f"eigenbasis_squares: route='outer' needs one position, got T={t}.")
-    if route == "outer":
-        per_example = k * d_out + d_in
-    elif route == "per_example":
-        per_example = k * d_out * d_in + t * (d_in + k * d_out)
-    else:
+    if route != "per_example":
         rows_in = rows_out = True
-        per_example = t * t * (d_out + d_in)
-    result = torch.zeros(d_out, d_in, dtype=inputs.dtype, device=inputs.device)
+    basis_in, basis_out = pad_columns(basis_in), pad_columns(basis_out)
+    w_in, w_out = basis_in.shape[1], basis_out.shape[1]
+    if route == "outer":
+        per_example = k * w_out + w_in
+    elif route == "per_example":
+        per_example = k * w_out * w_in + t * (w_in + k * w_out)
+    else:
+        per_example = t * t * (w_out + w_in)
+    result = inputs.new_zeros(w_out, w_in)
     chunk = max(1, min(n, max_elements // max(per_example, 1)))
+    # One workspace per product, reused by every chunk: a fresh buffer per chunk costs page
+    # faults on CPU comparable to the product itself.
+    rotated_in = inputs.new_empty(chunk, t, w_in) if rows_in else None
+    rotated_out = grads.new_empty(k, chunk, t, w_out) if rows_out else None
     for start in range(0, n, chunk):
-        a = inputs[start : start + chunk]  # ā [n', T, d_in']
-        g = grads[:, start : start + chunk]  # g [K, n', T, d_out]
-        a = a @ basis_in if route == "outer" or rows_in else a
-        g = g @ basis_out if route == "outer" or rows_out else g
+        a = inputs[start : start + chunk]  # ā [m, T, d_in']
+        g = grads[:, start : start + chunk]  # g [K, m, T, d_out]
+        m = a.shape[0]
+        if rotated_in is not None:
+            a = torch.matmul(a, basis_in, out=rotated_in[:m])
+        if rotated_out is not None:
+            g = torch.matmul(g, basis_out, out=rotated_out[:, :m])
         if route == "outer":
-            result += g[:, :, 0].square().sum(0).T @ a[:, 0].square()
+            result.addmm_(g[:, :, 0].square_().sum(0).T, a[:, 0].square_())
         elif route == "per_example":
-            per = torch.einsum("knti,ntj->knij", g, a)  # [K, n', d_out, d_in']
-            per = per if rows_out else basis_out.T @ per
+            # All K columns of an example in one product: [m, K·d_out, T] @ [m, T, d_in'].
+            per = torch.bmm(g.permute(1, 0, 3, 2).reshape(m, -1, t), a)
+            per = per.view(m, k, g.shape[-1], a.shape[-1])
+            per = per if rows_out else torch.matmul(basis_out.T, per)
             per = per if rows_in else per @ basis_in
-            result += per.square().sum((0, 1))
+            result += per.square_().sum((0, 1))
         else:
             gram_out = torch.einsum("knti,knsi->ntsi", g, g)
-            gram_in = a.unsqueeze(2) * a.unsqueeze(1)  # [n', T, T, d_in']
+            gram_in = a.unsqueeze(2) * a.unsqueeze(1)  # [m, T, T, d_in']
             result += torch.einsum("ntsi,ntsj->ij", gram_out, gram_in)
-    return result
+    return result[:d_out, :d_in]
+
+
+def pad_columns(basis: Tensor, multiple: int = 16) -> Tensor:
+    """``basis`` with zero columns appended up to a multiple of ``multiple`` columns.
+
+    CPU BLAS writes products whose rows are a multiple of the vector width ≈1.5× faster (measured,
+    1 thread: 8192×577 @ 577×577 in 101 ms, @ 577×592 in 67 ms); a zero column only adds a zero
+    column to the rotated rows and to the squares, which are cut off at the end.
+    """
+    rows, columns = basis.shape
+    if columns % multiple == 0:
+        return basis
+    width = columns + (-columns % multiple)
+    # Eigenvectors come column-major from LAPACK: padded in that layout, the copy is contiguous.
+    column_major = basis.stride(0) == 1 and basis.stride(1) == rows
+    padded = basis.new_zeros(width, rows).T if column_major else basis.new_zeros(rows, width)
+    padded[:, :columns] = basis
+    return padded
