@@ -262,15 +262,22 @@ class LayerCapture:
         return items
 
     def grad_outputs(
-        self, model_output: Tensor, vectors: Tensor, batched: bool = True
+        self, model_output: Tensor, vectors: Tensor, batched: bool | None = None
     ) -> dict[str, list[Tensor]]:
         """Backpropagate K vectors from ``model_output`` to every recorded layer output.
+
+        Only the layer outputs are differentiated (no parameter gradients), and the graph is
+        kept for the training backward.
 
         Args:
             model_output: the model output the layers fed.
             vectors: [K, *model_output.shape] vectors to backpropagate.
-            batched: one vmapped backward for all K vectors (``is_grads_batched``); otherwise K
-                backward passes.
+            batched: one vmapped backward for all K vectors (``is_grads_batched``), or K plain
+                backward passes written into one [K, …] tensor per output. None: plain passes on
+                CPU, where they are faster — the vmapped backward of max-pooling and attention
+                runs vector by vector anyway (K-FAC type-2 statistics, 1 thread: CNN 6.1× → 5.3×
+                a forward+backward, transformer block 8.3× → 7.2×, MLP 5.1× → 5.3×) — and one
+                vmapped pass on accelerators. K = 1 is one plain pass either way.
 
         Returns:
             For each layer, one [K, *output.shape] gradient per recorded call. A call whose
@@ -278,20 +285,28 @@ class LayerCapture:
         """
         items = self.outputs()
         targets = [call.output for _, call in items]
-        if batched:
+        k = vectors.shape[0]
+        if batched is None:
+            batched = model_output.device.type != "cpu"
+        if batched and k > 1:
             grads = torch.autograd.grad(
                 model_output, targets, grad_outputs=vectors, retain_graph=True,
                 is_grads_batched=True, allow_unused=True, materialize_grads=True,
             )
         else:
-            per_vector = [
-                torch.autograd.grad(
-                    model_output, targets, grad_outputs=v, retain_graph=True,
+            stacked: list[Tensor] = []
+            for i, vector in enumerate(vectors):
+                column = torch.autograd.grad(
+                    model_output, targets, grad_outputs=vector, retain_graph=True,
                     allow_unused=True, materialize_grads=True,
                 )
-                for v in vectors
-            ]
-            grads = tuple(torch.stack(col) for col in zip(*per_vector))
+                if k == 1:
+                    stacked = [g.unsqueeze(0) for g in column]
+                    break
+                stacked = stacked or [g.new_empty(k, *g.shape) for g in column]
+                for out, g in zip(stacked, column):
+                    out[i].copy_(g)
+            grads = tuple(stacked)
         result: dict[str, list[Tensor]] = {name: [] for name in self.calls}
         for (name, _), grad in zip(items, grads):
             result[name].append(grad.detach())

@@ -86,9 +86,14 @@ def test_batched_and_looped_backprop_agree() -> None:
         out = model(x)
     vectors = torch.randn(5, *out.shape, dtype=out.dtype)
     batched = capture.grad_outputs(out, vectors, batched=True)
-    looped = capture.grad_outputs(out, vectors, batched=False)
+    for choice in (False, None):  # None: looped on CPU
+        looped = capture.grad_outputs(out, vectors, batched=choice)
+        for name in batched:
+            assert looped[name][0].shape == (5, *capture.calls[name][0].output.shape)
+            assert_close(batched[name][0], looped[name][0], what=name)
+    single = capture.grad_outputs(out, vectors[:1])
     for name in batched:
-        assert_close(batched[name][0], looped[name][0], what=name)
+        assert_close(single[name][0], batched[name][0][:1], what=f"{name}, K = 1")
 
 
 def test_in_place_modified_output_is_rejected() -> None:

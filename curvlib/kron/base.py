@@ -135,34 +135,6 @@ def _detach(value: Any) -> Any:
     return value
 
 
-def _grad_outputs(
-    capture: LayerCapture, outputs: Tensor, vectors: Tensor
-) -> dict[str, list[Tensor]]:
-    """[K, *output.shape] gradients of ⟨outputs, s_k⟩ w.r.t. every recorded layer output.
-
-    Only the layer outputs are differentiated (no parameter gradients) and the graph is kept.
-    K = 1 (MC with one sample, empirical) is a plain backward; K > 1 one vmapped backward
-    (``is_grads_batched``). A layer output that does not reach ``outputs`` gets zeros.
-    """
-    items = capture.outputs()
-    targets = [call.output for _, call in items]
-    if vectors.shape[0] == 1:
-        raw = torch.autograd.grad(outputs, targets, grad_outputs=vectors[0], retain_graph=True,
-                                  allow_unused=True)
-        grads = [None if g is None else g.unsqueeze(0) for g in raw]
-    else:
-        grads = list(torch.autograd.grad(outputs, targets, grad_outputs=vectors,
-                                         retain_graph=True, is_grads_batched=True,
-                                         allow_unused=True))
-    result: dict[str, list[Tensor]] = {name: [] for name in capture.calls}
-    for (name, call), grad in zip(items, grads):
-        if grad is None:
-            grad = torch.zeros(vectors.shape[0], *call.output.shape, dtype=call.output.dtype,
-                               device=call.output.device)
-        result[name].append(grad.detach())
-    return result
-
-
 class KroneckerEstimate(CurvatureEstimate):
     """Block-diagonal Kronecker-factored curvature over the supported layers of a model.
 
@@ -482,7 +454,7 @@ class KroneckerEstimate(CurvatureEstimate):
             self.loss, self.fisher, outputs.detach(), targets, self.mc_samples, generator,
             self.type2_columns,
         )
-        grads = _grad_outputs(capture, outputs, vectors)
+        grads = capture.grad_outputs(outputs, vectors)
         c = self.loss.reduction_factor(outputs.detach(), targets)
         return step_data(self.layouts, capture.calls, grads, c, outputs.shape[0], self.dtype,
                          self._workspace)
