@@ -38,6 +38,10 @@ def test_gram_equals_the_full_product(
     assert_close(got, expected, rtol=1e-12, what="gram")
     lower = gram(rows, weights, width=width, chunk=chunk, mirror=False)
     assert_close(lower.tril(), expected.tril(), rtol=1e-12, what="lower storage")
+    for mirror, result in ((True, got), (False, lower)):  # written over whatever out held
+        out = torch.full((d, d), float("nan"), dtype=torch.float64)
+        assert gram(rows, weights, width=width, chunk=chunk, mirror=mirror, out=out) is out
+        assert torch.equal(out, result)
 
 
 @pytest.mark.parametrize("ema_decay", [None, 0.6])
@@ -95,6 +99,10 @@ def test_output_gram_and_norms_in_either_layout(blocked: bool, chunk: int, weigh
     scale = torch.ones(n * t, dtype=torch.float64) if weights is None else weights.reshape(-1)
     expected = torch.einsum("kmi,m,kmj->ij", rows, scale, rows)
     assert_close(output_gram(grads, weights, chunk=chunk), expected, rtol=1e-12, what="G")
+    out = torch.full((d, d), float("nan"), dtype=torch.float64)
+    lower = output_gram(grads, weights, chunk=chunk, mirror=False, out=out)
+    assert lower is out
+    assert_close(lower.tril(), expected.tril(), rtol=1e-12, what="G, lower storage in out")
     assert_close(output_squared_norms(grads, chunk=chunk), rows.square().sum((0, 2)).view(n, t),
                  rtol=1e-12, what="Σ_k ‖g‖²")
 

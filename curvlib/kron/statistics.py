@@ -42,7 +42,7 @@ from torch import Tensor
 
 def gram(
     rows: Tensor, weights: Tensor | None = None, width: int = 128, chunk: int = 1 << 20,
-    mirror: bool = True,
+    mirror: bool = True, out: Tensor | None = None,
 ) -> Tensor:
     """Σ_m w_m r_m r_mᵀ for rows [M, d] (w_m = 1 without ``weights``), computing only the lower
     triangle of blocks.
@@ -60,16 +60,22 @@ def gram(
     ``mirror=False`` leaves the blocks above the diagonal blocks at zero: the *lower storage* the
     running statistics accumulate (:class:`RunningSum` with ``symmetric=True`` mirrors once, when
     read), which saves the strided mirror copy on every statistics step.
+
+    ``out``: a d × d tensor to write the result into (whatever it held), instead of a new one.
     """
     m, d = rows.shape
     blocks = -(-d // width)
     bounds = [d * i // blocks for i in range(blocks + 1)]
     if weights is None:
-        out = rows.new_empty(d, d) if mirror else rows.new_zeros(d, d)
+        if out is None:
+            out = rows.new_empty(d, d) if mirror else rows.new_zeros(d, d)
+        elif not mirror:
+            for lo, hi in pairwise(bounds):
+                out[lo:hi, hi:].zero_()
         for lo, hi in pairwise(bounds):
             torch.mm(rows[:, lo:hi].T, rows[:, :hi], out=out[lo:hi, :hi])
     else:
-        out = rows.new_zeros(d, d)
+        out = rows.new_zeros(d, d) if out is None else out.zero_()
         widest = -(-d // blocks)
         step = max(1, chunk // widest)
         panel = torch.empty_like(rows[:step, :widest])  # the rows' memory order, so no transpose
@@ -129,7 +135,7 @@ def example_blocks(grads: Tensor) -> Tensor | None:
 
 
 def output_gram(grads: Tensor, weights: Tensor | None = None, chunk: int = 1 << 18,
-                mirror: bool = True) -> Tensor:
+                mirror: bool = True, out: Tensor | None = None) -> Tensor:
     """Σ_{k,m} w_m g_{k,m} g_{k,m}ᵀ for gradient rows g [K, *R, d] (R row axes holding M rows)
     and row weights w [*R] shared by the K vectors (w_m = 1 without ``weights``).
 
@@ -137,17 +143,18 @@ def output_gram(grads: Tensor, weights: Tensor | None = None, chunk: int = 1 << 
     blocks X_{k,n} = [g_{k,n,1} … g_{k,n,T}] ∈ ℝ^{d × T} (:func:`example_blocks`) are summed as
     Σ_{k,n} (X_{k,n} diag(w_n)) X_{k,n}ᵀ: batched products over about ``chunk`` entries of blocks
     at a time, whose [B, d, d] results (and scaled blocks) live in reused buffers, so no copy of
-    the rows is made. ``mirror`` as in :func:`gram` (the blocks' products are always full).
+    the rows is made. ``mirror`` and ``out`` as in :func:`gram` (the blocks' products are always
+    full).
     """
     blocks = example_blocks(grads)
     if blocks is None:
         flat = grads.reshape(-1, grads.shape[-1])
         if weights is not None:
             weights = weights.reshape(-1).repeat(grads.shape[0])
-        return gram(flat, weights, mirror=mirror)
+        return gram(flat, weights, mirror=mirror, out=out)
     k, n, d, t = blocks.shape
     step = max(1, min(n, chunk // (d * t)))
-    out = blocks.new_zeros(d, d)
+    out = blocks.new_zeros(d, d) if out is None else out.zero_()
     products = blocks.new_empty(step, d, d)
     scaled = None if weights is None else blocks.new_empty(step, d, t)
     for kk in range(k):
@@ -267,6 +274,10 @@ class FactorStatistics(ABC):
 
     def __init__(self, weights: CurvatureWeights) -> None:
         self.weights = weights
+        # Batch numerators already folded, overwritten by the next batch (``out=`` of gram and
+        # output_gram) instead of allocating: a fresh d × d tensor comes from the operating
+        # system, and first touching its pages cost ~15% of W1's K-FAC statistics step.
+        self._spare: dict[str, Tensor] = {}
 
     @abstractmethod
     def batch(
@@ -276,11 +287,18 @@ class FactorStatistics(ABC):
         g [K, *R, d_out] (row axes R holding the same M rows in the same order, e.g. (N, T)) and
         the batch's c and N; :meth:`fold` adds them."""
 
-    def fold(self, batch: dict[str, tuple[Tensor, float]]) -> None:
-        """Add a :meth:`batch` to the running statistics."""
+    def fold(self, batch: dict[str, tuple[Tensor, float]], spare: bool = True) -> None:
+        """Add a :meth:`batch` to the running statistics; with ``spare``, its matrices (unless
+        kept as a first numerator) are overwritten by the next :meth:`batch`."""
         running = self.running_sums()
         for name, (numerator, count) in batch.items():
             running[name].add(numerator, count)
+            if spare and numerator.dim() == 2 and running[name].numerator is not numerator:
+                self._spare[name] = numerator
+
+    def _out(self, name: str) -> Tensor | None:
+        """The spare numerator of statistic ``name`` to write a new batch into, if any."""
+        return self._spare.pop(name, None)
 
     @abstractmethod
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -320,8 +338,8 @@ class KFACStatistics(FactorStatistics):
         self, inputs: Tensor, grads: Tensor, scale: float, num_examples: int
     ) -> dict[str, tuple[Tensor, float]]:
         w = self.weights.weight(num_examples)
-        return {"A": (gram(inputs, mirror=False), float(inputs.shape[0])),
-                "G": (output_gram(grads, mirror=False).mul_(w * scale), w)}
+        return {"A": (gram(inputs, mirror=False, out=self._out("A")), float(inputs.shape[0])),
+                "G": (output_gram(grads, mirror=False, out=self._out("G")).mul_(w * scale), w)}
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         a = self.A.value()
@@ -351,9 +369,10 @@ class TKFACStatistics(FactorStatistics):
         count = self.weights.weight(num_examples)
         w = count * scale
         return {"delta": (w * torch.dot(sq_in, sq_out), count),
-                "Phi_raw": (gram(inputs, sq_out, mirror=False).mul_(w), count),
-                "Psi_raw": (output_gram(grads, sq_in.view(grads.shape[1:-1]), mirror=False)
-                            .mul_(w), count)}
+                "Phi_raw": (gram(inputs, sq_out, mirror=False, out=self._out("Phi_raw"))
+                            .mul_(w), count),
+                "Psi_raw": (output_gram(grads, sq_in.view(grads.shape[1:-1]), mirror=False,
+                                        out=self._out("Psi_raw")).mul_(w), count)}
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.Phi_raw.value(), self.Psi_raw.value(), self.delta.value()
