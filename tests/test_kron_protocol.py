@@ -334,9 +334,11 @@ def test_eigenbasis_squares_routes_agree(t: int, route: SquaresRoute) -> None:
     basis_out = torch.linalg.qr(torch.randn(2, 2, dtype=torch.float64, generator=gen))[0]
     per_example = torch.einsum("knti,ntj->knij", grads, inputs)
     expected = (basis_out.T @ per_example @ basis_in).square().sum((0, 1))
-    for max_elements in (1, 1 << 20):  # chunks of one example, and all at once
-        got = eigenbasis_squares(inputs, grads, basis_in, basis_out, max_elements, route)
-        assert_close(got, expected, rtol=1e-12, what=f"T={t}, {route}")
+    blocks = grads.transpose(-1, -2).contiguous().transpose(-1, -2)  # a convolution's layout
+    for layout, g in (("rows", grads), ("blocks", blocks)):
+        for max_elements in (1, 1 << 20):  # chunks of one example, and all at once
+            got = eigenbasis_squares(inputs, g, basis_in, basis_out, max_elements, route)
+            assert_close(got, expected, rtol=1e-12, what=f"T={t}, {route}, {layout}")
 
 
 def test_eigenbasis_squares_outer_route_needs_one_position() -> None:

@@ -167,21 +167,30 @@ def eigenbasis_squares(
     # One workspace per product, reused by every chunk: a fresh buffer per chunk costs page
     # faults on CPU comparable to the product itself.
     rotated_in = inputs.new_empty(chunk, t, w_in) if rows_in else None
-    rotated_out = grads.new_empty(k, chunk, t, w_out) if rows_out else None
+    # An example's K gradients enter one product as a [K·d_out, T] left factor. Gradients stored
+    # with d_out innermost (linear layers) and K > 1 are packed [m, T, K, d_out] so that it is a
+    # transposed view; per-example [d_out, T] blocks (convolutions) copy into it along T.
+    packed = route == "per_example" and k > 1 and grads.stride(-1) == 1
+    rotated_out = None if not rows_out else (
+        grads.new_empty(chunk * t * k, w_out) if packed else grads.new_empty(k, chunk, t, w_out))
     for start in range(0, n, chunk):
         a = inputs[start : start + chunk]  # ā [m, T, d_in']
         g = grads[:, start : start + chunk]  # g [K, m, T, d_out]
         m = a.shape[0]
         if rotated_in is not None:
             a = torch.matmul(a, basis_in, out=rotated_in[:m])
-        if rotated_out is not None:
+        if packed:
+            g = g.permute(1, 2, 0, 3).reshape(-1, d_out)  # [m·T·K, d_out]
+            if rotated_out is not None:
+                g = torch.mm(g, basis_out, out=rotated_out[: m * t * k])
+            left = g.view(m, t, -1).transpose(1, 2)
+        elif rotated_out is not None:
             g = torch.matmul(g, basis_out, out=rotated_out[:, :m])
         if route == "outer":
             result.addmm_(g[:, :, 0].square_().sum(0).T, a[:, 0].square_())
         elif route == "per_example":
-            # All K columns of an example in one product: [m, K·d_out, T] @ [m, T, d_in'].
-            per = torch.bmm(g.permute(1, 0, 3, 2).reshape(m, -1, t), a)
-            per = per.view(m, k, g.shape[-1], a.shape[-1])
+            left = left if packed else g.permute(1, 0, 3, 2).reshape(m, -1, t)
+            per = torch.bmm(left, a).view(m, k, -1, a.shape[-1])  # [m, K, d_out, d_in']
             per = per if rows_out else torch.matmul(basis_out.T, per)
             per = per if rows_in else per @ basis_in
             result += per.square_().sum((0, 1))
