@@ -183,13 +183,13 @@ def eigenbasis_squares(
             g = g.permute(1, 2, 0, 3).reshape(-1, d_out)  # [m·T·K, d_out]
             if rotated_out is not None:
                 g = torch.mm(g, basis_out, out=rotated_out[: m * t * k])
-            left = g.view(m, t, -1).transpose(1, 2)
         elif rotated_out is not None:
             g = torch.matmul(g, basis_out, out=rotated_out[:, :m])
         if route == "outer":
             result.addmm_(g[:, :, 0].square_().sum(0).T, a[:, 0].square_())
         elif route == "per_example":
-            left = left if packed else g.permute(1, 0, 3, 2).reshape(m, -1, t)
+            left = (g.view(m, t, -1).transpose(1, 2) if packed
+                    else g.permute(1, 0, 3, 2).reshape(m, -1, t))  # [m, K·d_out, T]
             per = torch.bmm(left, a).view(m, k, -1, a.shape[-1])  # [m, K, d_out, d_in']
             per = per if rows_out else torch.matmul(basis_out.T, per)
             per = per if rows_in else per @ basis_in
