@@ -287,13 +287,13 @@ class FactorStatistics(ABC):
         g [K, *R, d_out] (row axes R holding the same M rows in the same order, e.g. (N, T)) and
         the batch's c and N; :meth:`fold` adds them."""
 
-    def fold(self, batch: dict[str, tuple[Tensor, float]], spare: bool = True) -> None:
-        """Add a :meth:`batch` to the running statistics; with ``spare``, its matrices (unless
-        kept as a first numerator) are overwritten by the next :meth:`batch`."""
+    def fold(self, batch: dict[str, tuple[Tensor, float]]) -> None:
+        """Add a :meth:`batch` to the running statistics; its matrices (unless kept as a first
+        numerator) are then overwritten by the next :meth:`batch`."""
         running = self.running_sums()
         for name, (numerator, count) in batch.items():
             running[name].add(numerator, count)
-            if spare and numerator.dim() == 2 and running[name].numerator is not numerator:
+            if numerator.dim() == 2 and running[name].numerator is not numerator:
                 self._spare[name] = numerator
 
     def _out(self, name: str) -> Tensor | None:
