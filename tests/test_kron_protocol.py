@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from curvlib import EKFAC, KFAC, TEKFAC
 from curvlib.kron import KroneckerEstimate, eigen
-from curvlib.kron.eigen import SquaresRoute, eigenbasis_squares, eigh_psd
+from curvlib.kron.eigen import SquaresRoute, eigenbasis_squares, eigh_psd, pad_columns
 from curvlib.testing import assert_close, dense_ggn
 from tests.cases import make_case
 from tests.test_kron_exact import METHODS, fitted, ggn_blocks, to_wb
@@ -339,6 +339,16 @@ def test_eigenbasis_squares_routes_agree(t: int, route: SquaresRoute) -> None:
         for max_elements in (1, 1 << 20):  # chunks of one example, and all at once
             got = eigenbasis_squares(inputs, g, basis_in, basis_out, max_elements, route)
             assert_close(got, expected, rtol=1e-12, what=f"T={t}, {route}, {layout}")
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+def test_pad_columns_appends_zero_columns(column_major: bool) -> None:
+    basis = torch.randn(5, 5, dtype=torch.float64)
+    basis = basis.T.contiguous().T if column_major else basis
+    padded = pad_columns(basis, multiple=4)
+    assert padded.shape == (5, 8) and torch.equal(padded[:, :5], basis)
+    assert not bool(padded[:, 5:].any())
+    assert pad_columns(padded, multiple=4) is padded
 
 
 def test_eigenbasis_squares_outer_route_needs_one_position() -> None:
