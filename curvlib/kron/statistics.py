@@ -64,8 +64,7 @@ def gram(
     ``out``: a d × d tensor to write the result into (whatever it held), instead of a new one.
     """
     m, d = rows.shape
-    blocks = -(-d // width)
-    bounds = [d * i // blocks for i in range(blocks + 1)]
+    bounds = _block_bounds(d, width)
     if weights is None:
         if out is None:
             out = rows.new_empty(d, d) if mirror else rows.new_zeros(d, d)
@@ -76,7 +75,7 @@ def gram(
             torch.mm(rows[:, lo:hi].T, rows[:, :hi], out=out[lo:hi, :hi])
     else:
         out = rows.new_zeros(d, d) if out is None else out.zero_()
-        widest = -(-d // blocks)
+        widest = max(hi - lo for lo, hi in pairwise(bounds))
         step = max(1, chunk // widest)
         panel = torch.empty_like(rows[:step, :widest])  # the rows' memory order, so no transpose
         for start in range(0, m, step):
@@ -88,6 +87,12 @@ def gram(
     return mirror_lower(out, width) if mirror else out
 
 
+def _block_bounds(d: int, width: int) -> list[int]:
+    """Cuts of 0 … d into ⌈d / width⌉ blocks of (nearly) equal size."""
+    blocks = max(1, -(-d // width))
+    return [d * i // blocks for i in range(blocks + 1)]
+
+
 def mirror_lower(matrix: Tensor, width: int = 128) -> Tensor:
     """Overwrite the strict upper triangle of a square ``matrix`` with the transpose of its strict
     lower triangle, in place, and return it.
@@ -95,10 +100,7 @@ def mirror_lower(matrix: Tensor, width: int = 128) -> Tensor:
     In panels of at most ``width`` columns: a whole-triangle transpose (or ``tril() +
     tril(-1).T``) strides through memory far beyond the cache — 3.5× slower at d = 2049.
     """
-    d = matrix.shape[0]
-    blocks = max(1, -(-d // width))
-    bounds = [d * i // blocks for i in range(blocks + 1)]
-    for lo, hi in pairwise(bounds):
+    for lo, hi in pairwise(_block_bounds(matrix.shape[0], width)):
         matrix[:lo, lo:hi] = matrix[lo:hi, :lo].T
         block = matrix[lo:hi, lo:hi]
         block.copy_(block.tril() + block.tril(-1).T)
