@@ -27,7 +27,7 @@ through them during an ordinary ``loss.backward()``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -261,52 +261,71 @@ class LayerCapture:
                 items.append((name, call))
         return items
 
-    def grad_outputs(
+    def grad_output_chunks(
         self, model_output: Tensor, vectors: Tensor, batched: bool | None = None
-    ) -> dict[str, list[Tensor]]:
-        """Backpropagate K vectors from ``model_output`` to every recorded layer output.
+    ) -> Iterator[dict[str, list[Tensor]]]:
+        """Backpropagate K vectors from ``model_output`` to every recorded layer output, in chunks
+        of the vectors: one backward pass per chunk, run as the chunk is read.
 
         Only the layer outputs are differentiated (no parameter gradients), and the graph is
-        kept for the training backward.
+        kept for the training backward. A consumer that folds each chunk before reading the next
+        holds one chunk's gradients at a time instead of all K.
 
         Args:
             model_output: the model output the layers fed.
             vectors: [K, *model_output.shape] vectors to backpropagate.
-            batched: one vmapped backward for all K vectors (``is_grads_batched``), or K plain
-                backward passes written into one [K, …] tensor per output. None: plain passes on
-                CPU, where they are faster — the vmapped backward of max-pooling and attention
-                runs vector by vector anyway (K-FAC type-2 statistics, 1 thread: CNN 6.1× → 5.3×
-                a forward+backward, transformer block 8.3× → 7.2×, MLP 5.1× → 5.3×) — and one
-                vmapped pass on accelerators. K = 1 is one plain pass either way.
+            batched: one chunk of all K vectors from one vmapped backward
+                (``is_grads_batched``), or K chunks of one vector from plain backward passes.
+                None: plain passes on CPU, where they are faster — the vmapped backward of
+                max-pooling and attention runs vector by vector anyway (K-FAC type-2
+                statistics, 1 thread: CNN 6.1× → 5.3× a forward+backward, transformer block
+                8.3× → 7.2×, MLP 5.1× → 5.3×) — and one vmapped pass on accelerators. K = 1 is
+                one plain pass either way.
 
-        Returns:
-            For each layer, one [K, *output.shape] gradient per recorded call. A call whose
-            output does not influence ``model_output`` gets zeros.
+        Yields:
+            For each layer, one [K_j, *output.shape] gradient per recorded call, for the chunk's
+            K_j vectors (in order). A call whose output does not influence ``model_output`` gets
+            zeros.
         """
         items = self.outputs()
         targets = [call.output for _, call in items]
-        k = vectors.shape[0]
         if batched is None:
             batched = model_output.device.type != "cpu"
-        if batched and k > 1:
+        if batched and vectors.shape[0] > 1:
             grads = torch.autograd.grad(
                 model_output, targets, grad_outputs=vectors, retain_graph=True,
                 is_grads_batched=True, allow_unused=True, materialize_grads=True,
             )
-        else:
-            stacked: list[Tensor] = []
-            for i, vector in enumerate(vectors):
-                column = torch.autograd.grad(
-                    model_output, targets, grad_outputs=vector, retain_graph=True,
-                    allow_unused=True, materialize_grads=True,
-                )
-                if k == 1:
-                    stacked = [g.unsqueeze(0) for g in column]
-                    break
-                stacked = stacked or [g.new_empty(k, *g.shape) for g in column]
-                for out, g in zip(stacked, column):
-                    out[i].copy_(g)
-            grads = tuple(stacked)
+            yield self._by_layer(items, grads)
+            return
+        for vector in vectors:
+            column = torch.autograd.grad(
+                model_output, targets, grad_outputs=vector, retain_graph=True,
+                allow_unused=True, materialize_grads=True,
+            )
+            yield self._by_layer(items, [g.unsqueeze(0) for g in column])
+
+    def grad_outputs(
+        self, model_output: Tensor, vectors: Tensor, batched: bool | None = None
+    ) -> dict[str, list[Tensor]]:
+        """The chunks of :meth:`grad_output_chunks` written into one [K, *output.shape] gradient
+        per recorded call (a single chunk is returned as it is)."""
+        k = vectors.shape[0]
+        stacked: dict[str, list[Tensor]] = {}
+        start = 0
+        for chunk in self.grad_output_chunks(model_output, vectors, batched):
+            size = next((g.shape[0] for grads in chunk.values() for g in grads), 0)
+            if size == k:
+                return chunk
+            for name, grads in chunk.items():
+                outs = stacked.setdefault(name, [g.new_empty(k, *g.shape[1:]) for g in grads])
+                for out, g in zip(outs, grads):
+                    out[start : start + size].copy_(g)
+            start += size
+        return stacked
+
+    def _by_layer(self, items: list[tuple[str, LayerCall]], grads: Sequence[Tensor]
+                  ) -> dict[str, list[Tensor]]:
         result: dict[str, list[Tensor]] = {name: [] for name in self.calls}
         for (name, _), grad in zip(items, grads):
             result[name].append(grad.detach())

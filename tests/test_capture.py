@@ -94,6 +94,11 @@ def test_batched_and_looped_backprop_agree() -> None:
     single = capture.grad_outputs(out, vectors[:1])
     for name in batched:
         assert_close(single[name][0], batched[name][0][:1], what=f"{name}, K = 1")
+    chunks = list(capture.grad_output_chunks(out, vectors, batched=False))
+    assert len(chunks) == 5 and len(list(capture.grad_output_chunks(out, vectors, True))) == 1
+    for i, chunk in enumerate(chunks):  # one vector per plain backward pass, in order
+        for name in batched:
+            assert_close(chunk[name][0], batched[name][0][i : i + 1], what=f"{name}, chunk {i}")
 
 
 def test_in_place_modified_output_is_rejected() -> None:

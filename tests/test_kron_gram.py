@@ -1,5 +1,6 @@
 """gram, squared_norms and their gradient-row forms: blocked, chunked and mirrored, or summed over
-per-example blocks, they equal the plain products."""
+per-example blocks, or accumulated over chunks of rows or vectors, they equal the plain
+products."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from curvlib.capture import LayerCall, output_rows
-from curvlib.kron.collect import layer_data
+from curvlib.capture import output_rows
+from curvlib.kron.collect import grad_rows
 from curvlib.kron.layout import LayerLayout
 from curvlib.kron.statistics import (
+    CurvatureWeights,
+    FactorStatistics,
+    KFACStatistics,
     RunningSum,
+    TKFACStatistics,
     example_blocks,
     gram,
     mirror_lower,
@@ -42,6 +47,17 @@ def test_gram_equals_the_full_product(
         out = torch.full((d, d), float("nan"), dtype=torch.float64)
         assert gram(rows, weights, width=width, chunk=chunk, mirror=mirror, out=out) is out
         assert torch.equal(out, result)
+        # accumulate: the rows' result added to an earlier one of other rows
+        more = torch.randn(m + 3, d, dtype=torch.float64, generator=gen)
+        more_weights = None if weights is None else torch.rand(m + 3, dtype=torch.float64,
+                                                               generator=gen)
+        gram(more, more_weights, width=width, chunk=chunk, mirror=mirror, out=out,
+             accumulate=True)
+        both = result + more.T @ (more if more_weights is None else more_weights[:, None] * more)
+        assert_close(out if mirror else out.tril(), both if mirror else both.tril(), rtol=1e-12,
+                     what=f"accumulated, mirror={mirror}")
+        if not mirror:
+            assert not out.triu(width + 1).any()  # lower storage: upper blocks stay zero
 
 
 @pytest.mark.parametrize("ema_decay", [None, 0.6])
@@ -105,6 +121,48 @@ def test_output_gram_and_norms_in_either_layout(blocked: bool, chunk: int, weigh
     assert_close(lower.tril(), expected.tril(), rtol=1e-12, what="G, lower storage in out")
     assert_close(output_squared_norms(grads, chunk=chunk), rows.square().sum((0, 2)).view(n, t),
                  rtol=1e-12, what="Σ_k ‖g‖²")
+    # the K vectors one at a time, each added to the result of the ones before
+    out = output_gram(grads[:1], weights, chunk=chunk, mirror=False)
+    for kk in range(1, k):
+        assert output_gram(grads[kk : kk + 1], weights, chunk=chunk, mirror=False, out=out,
+                           accumulate=True) is out
+    assert_close(out.tril(), expected.tril(), rtol=1e-12, what="G accumulated over vectors")
+
+
+def test_accumulate_needs_a_result_to_add_to() -> None:
+    rows = torch.randn(5, 3)
+    with pytest.raises(ValueError, match="accumulate=True needs the result"):
+        gram(rows, accumulate=True)
+    with pytest.raises(ValueError, match="accumulate=True needs the result"):
+        output_gram(torch.randn(2, 4, 3, 1).expand(2, 4, 3, 6).contiguous().transpose(2, 3),
+                    accumulate=True)
+
+
+@pytest.mark.parametrize("statistics", [KFACStatistics, TKFACStatistics])
+@pytest.mark.parametrize("blocked", [False, True], ids=["rows", "per-example-blocks"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_batch_statistics_from_chunks_of_vectors_equal_those_of_all(
+    statistics: type[FactorStatistics], blocked: bool, reduction: str
+) -> None:
+    """Folded one backpropagated vector at a time (CPU training steps), a batch's statistics
+    equal those of all K vectors at once."""
+    gen = torch.Generator().manual_seed(int(blocked))
+    k, n, t, d_in, d_out = 4, 5, 3, 6, 4
+    inputs = torch.randn(n * t, d_in, dtype=torch.float64, generator=gen)
+    grads = torch.randn(k, n, d_out, t, dtype=torch.float64, generator=gen).transpose(2, 3) if (
+        blocked) else torch.randn(k, n, t, d_out, dtype=torch.float64, generator=gen)
+    weights = CurvatureWeights(reduction, None)
+    whole, chunked = statistics(weights), statistics(weights)
+    expected = whole.batch(inputs, whole.output_terms(inputs, grads), 0.5, n)
+    terms = None
+    for kk in range(k):
+        terms = chunked.output_terms(inputs, grads[kk : kk + 1], terms)
+    got = chunked.batch(inputs, terms, 0.5, n)
+    assert got.keys() == expected.keys()
+    for name, (numerator, count) in expected.items():
+        assert got[name][1] == count
+        lower = torch.tril if numerator.dim() == 2 else torch.clone  # δ is a scalar
+        assert_close(lower(got[name][0]), lower(numerator), rtol=1e-12, what=name)
 
 
 @pytest.mark.parametrize("calls", [1, 2])
@@ -112,12 +170,10 @@ def test_output_gram_and_norms_in_either_layout(blocked: bool, chunk: int, weigh
 def test_conv_gradient_rows_stay_per_example_blocks(calls: int, dtype: torch.dtype) -> None:
     conv = nn.Conv2d(2, 3, kernel_size=3, padding=1)
     layout = LayerLayout("conv", conv, [conv.weight, conv.bias])
-    x = torch.randn(4, 2, 5, 5)
-    recorded = [LayerCall(x, conv(x), 0) for _ in range(calls)]
     grads = [torch.randn(2, 4, 3, 5, 5) for _ in range(calls)]  # [K, *output.shape]
-    data = layer_data(layout, recorded, grads, dtype)
+    rows = grad_rows(layout, grads, dtype)
     expected = torch.cat([output_rows(conv, g, batch_axes=1) for g in grads], dim=2)
-    assert torch.equal(data.grads, expected.to(dtype))
-    assert example_blocks(data.grads) is not None  # no transposing copy was made
+    assert torch.equal(rows, expected.to(dtype))
+    assert example_blocks(rows) is not None  # no transposing copy was made
     if calls == 1 and dtype == torch.float32:
-        assert data.grads.data_ptr() == grads[0].data_ptr()  # a view of the backward's result
+        assert rows.data_ptr() == grads[0].data_ptr()  # a view of the backward's result

@@ -183,20 +183,19 @@ def test_reused_input_rows_give_the_statistics_of_fresh_ones(
             recorded(reused, bx, by)
         else:
             reused.update(bx, by)
-        held = reused._last.layers if method.refits_diagonal else None
-        rows.append({layer: (held[layer].inputs if held else inputs).data_ptr()
-                     for layer, inputs in (held or reused._workspace).items()})
+        held = reused._last.inputs if method.refits_diagonal else reused._workspace
+        rows.append({layer: inputs.data_ptr() for layer, inputs in held.items()})
         if i == 0:
             fresh.refresh()
             reused.refresh()
             saved = reused.state_dict()
-            saved_rows = {k: d[0].clone() for k, d in saved["last"]["layers"].items()} \
+            saved_rows = {k: x.clone() for k, x in saved["last"]["inputs"].items()} \
                 if method.refits_diagonal else {}
     assert rows[0] and rows[2] == rows[0] and rows[3] == rows[1]
     if method.refits_diagonal:
         assert all(rows[1][layer] != ptr for layer, ptr in rows[0].items())
         for layer, expected in saved_rows.items():
-            assert torch.equal(saved["last"]["layers"][layer][0], expected)
+            assert torch.equal(saved["last"]["inputs"][layer], expected)
     else:
         assert rows[1] == rows[0]
     for layer, expected in fresh.factors().items():

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -63,7 +63,7 @@ from curvlib.estimate import CurvatureEstimate, check_damping
 from curvlib.exact.base import as_args, check_no_training_batchnorm
 from curvlib.kron.collect import (
     TYPE2_COLUMNS,
-    LayerData,
+    GradChunk,
     StepData,
     Type2Columns,
     backprop_vectors,
@@ -125,6 +125,10 @@ class _PendingEmpirical:
     targets: Tensor
     step: int
     handles: list[RemovableHandle] = field(default_factory=list)
+
+
+def _clone_chunk(chunk: GradChunk) -> GradChunk:
+    return {layer: grads.clone() for layer, grads in chunk.items()}
 
 
 def _detach(value: Any) -> Any:
@@ -381,7 +385,7 @@ class KroneckerEstimate(CurvatureEstimate):
             name: [call.grad_output.unsqueeze(0) / c for call in calls]
             for name, calls in pending.calls.items()
         }
-        self._fold(step_data(self.layouts, pending.calls, grads, c,
+        self._fold(step_data(self.layouts, pending.calls, [grads], c,
                              pending.outputs.shape[0], self.dtype, self._workspace),
                    pending.step)
 
@@ -454,30 +458,45 @@ class KroneckerEstimate(CurvatureEstimate):
             self.loss, self.fisher, outputs.detach(), targets, self.mc_samples, generator,
             self.type2_columns,
         )
-        grads = capture.grad_outputs(outputs, vectors)
         c = self.loss.reduction_factor(outputs.detach(), targets)
+        if self.refits_diagonal:
+            # The step is kept for the diagonal refit, all K vectors' gradients in one chunk.
+            grads: Iterable[dict[str, list[Tensor]]] = [capture.grad_outputs(outputs, vectors)]
+        else:
+            # Folded one backward pass at a time: one vector's gradients in memory, not K.
+            grads = capture.grad_output_chunks(outputs, vectors)
         return step_data(self.layouts, capture.calls, grads, c, outputs.shape[0], self.dtype,
-                         self._workspace)
+                         self._workspace, stream=not self.refits_diagonal)
 
-    def _rows(self, layer: str, step: StepData) -> tuple[Tensor, Tensor]:
-        """(ā rows [M, d_in'], g rows [K, *R, d_out] with M rows over the axes R) under the
-        weight-sharing flavour (§2.3)."""
-        data = step.layers[layer]
-        if self.weight_sharing == "expand":  # every (example, position) is a row
-            # g keeps its [K, N, T, d_out] axes: a convolution's gradient, stored per example
-            # with the positions innermost, has no [K, N·T, d_out] view.
-            return data.inputs.reshape(-1, data.inputs.shape[-1]), data.grads
-        # reduce: one row per example, the mean input and the summed gradient over positions
-        return data.inputs.mean(dim=1), data.grads.sum(dim=2)
+    def _input_rows(self, inputs: Tensor) -> Tensor:
+        """ā rows [M, d_in'] of ā [N, T, d_in'] under the weight-sharing flavour (§2.3): every
+        (example, position) is a row (expand), or the mean over positions of each example is
+        (reduce)."""
+        if self.weight_sharing == "expand":
+            return inputs.reshape(-1, inputs.shape[-1])
+        return inputs.mean(dim=1)
+
+    def _grad_rows(self, grads: Tensor) -> Tensor:
+        """g rows [K, *R, d_out] of g [K, N, T, d_out] with the M rows of :meth:`_input_rows`
+        over the axes R: g itself (expand; a convolution's gradient, stored per example with
+        the positions innermost, has no [K, N·T, d_out] view), or the sum over positions
+        (reduce)."""
+        return grads if self.weight_sharing == "expand" else grads.sum(dim=2)
 
     def _fold(self, step: StepData, step_id: int | None = None) -> None:
         # All layers' batch statistics first, checked, then added, so that a non-finite input or
         # gradient row leaves every running statistic untouched.
-        batches, rows = {}, {}
-        for layer, stats in self._stats.items():
-            inputs, grads = self._rows(layer, step)
-            rows[layer] = (inputs.shape[0], math.prod(grads.shape[:-1]))  # M and K·M
-            batches[layer] = stats.batch(inputs, grads, step.scale, step.num_examples)
+        inputs = {layer: self._input_rows(x) for layer, x in step.inputs.items()}
+        terms: dict[str, dict[str, Tensor]] = {}
+        grad_rows = dict.fromkeys(self._stats, 0)  # K·M
+        for chunk in step.grads:
+            for layer, stats in self._stats.items():
+                grads = self._grad_rows(chunk[layer])
+                terms[layer] = stats.output_terms(inputs[layer], grads, terms.get(layer))
+                grad_rows[layer] += math.prod(grads.shape[:-1])
+        batches = {layer: stats.batch(inputs[layer], terms[layer], step.scale, step.num_examples)
+                   for layer, stats in self._stats.items()}
+        rows = {layer: (inputs[layer].shape[0], grad_rows[layer]) for layer in self._stats}
         if self.process_group is not None:
             batches, rows = self._reduce_statistics(batches, rows, step.num_examples)
         for layer, batch in batches.items():
@@ -498,19 +517,21 @@ class KroneckerEstimate(CurvatureEstimate):
             # step_data wrote this step's rows over the workspace's: the previous last step's
             # rows are the ones free now.
             previous, self._last = self._last, step
-            self._workspace = {} if previous is None else {
-                layer: data.inputs for layer, data in previous.layers.items()}
+            self._workspace = {} if previous is None else dict(previous.inputs)
             self._last_step = self._steps if step_id is None else step_id
             if self._bases:
                 self._fold_diagonal(step)
 
     def _fold_diagonal(self, step: StepData) -> None:
         weight = self._weights.weight(step.num_examples)
-        squares = {}
-        for layer, data in step.layers.items():
-            basis_in, basis_out = self._padded_bases(layer)
-            squares[layer] = eigenbasis_squares(data.inputs, data.grads, basis_in,
-                                                basis_out).mul_(weight * step.scale)
+        squares: dict[str, Tensor] = {}
+        for chunk in step.grads:
+            for layer, inputs in step.inputs.items():
+                basis_in, basis_out = self._padded_bases(layer)
+                part = eigenbasis_squares(inputs, chunk[layer], basis_in, basis_out)
+                squares[layer] = squares[layer].add_(part) if layer in squares else part
+        for numerator in squares.values():
+            numerator.mul_(weight * step.scale)
         if self.process_group is not None:
             reduced, (examples,) = self._all_reduce(list(squares.values()),
                                                     [float(step.num_examples)])
@@ -734,8 +755,8 @@ class KroneckerEstimate(CurvatureEstimate):
         last = None
         if self._last is not None:
             last = {
-                "layers": {k: (d.inputs.clone(), d.grads.clone())
-                           for k, d in self._last.layers.items()},
+                "inputs": {k: x.clone() for k, x in self._last.inputs.items()},
+                "grads": [_clone_chunk(chunk) for chunk in self._last.grads],
                 "scale": self._last.scale,
                 "num_examples": self._last.num_examples,
                 "step": self._last_step,
@@ -793,7 +814,8 @@ class KroneckerEstimate(CurvatureEstimate):
         if last is not None:
             # Copies: the rows become a statistics workspace later, and are overwritten then.
             self._last = StepData(
-                {k: LayerData(*(t.clone() for t in d)) for k, d in last["layers"].items()},
+                {k: x.clone() for k, x in last["inputs"].items()},
+                [_clone_chunk(chunk) for chunk in last["grads"]],
                 last["scale"], last["num_examples"],
             )
             self._last_step = int(last["step"])

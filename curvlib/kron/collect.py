@@ -32,7 +32,7 @@ vanish in expectation.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,20 +46,22 @@ from curvlib.losses import FisherType, LossFunction
 Type2Columns = Literal["joint", "per_term"]
 TYPE2_COLUMNS: tuple[str, ...] = ("joint", "per_term")
 
-
-@dataclass
-class LayerData:
-    """One batch's rows for one layer: ā [N, T, d_in'] and g [K, N, T, d_out]."""
-
-    inputs: Tensor
-    grads: Tensor
+GradChunk = dict[str, Tensor]
+"""Per layer, the output-gradient rows g [K_j, N, T, d_out] of a chunk of K_j of the K vectors."""
 
 
 @dataclass
 class StepData:
-    """One statistics step: every layer's rows, the reduction factor c and the batch size N."""
+    """One statistics step: every layer's input rows ā [N, T, d_in'], its gradient rows in chunks
+    of the K vectors, the reduction factor c and the batch size N.
 
-    layers: dict[str, LayerData]
+    ``grads`` is a list of chunks, or an iterator that runs each chunk's backward pass as it is
+    read (:func:`step_data` with ``stream=True``), which can be read once: the statistics then
+    hold one chunk of gradients at a time instead of all K.
+    """
+
+    inputs: dict[str, Tensor]
+    grads: Iterable[GradChunk]
     scale: float
     num_examples: int
 
@@ -104,26 +106,19 @@ def backprop_vectors(
     return loss.backprop_vectors(fisher, outputs, targets, mc_samples, generator)
 
 
-def layer_data(
-    layout: LayerLayout,
-    calls: list[LayerCall],
-    grads: list[Tensor],
-    dtype: torch.dtype,
-    reuse: Tensor | None = None,
-) -> LayerData:
-    """Rows of one layer from its recorded calls and their [K, *output.shape] gradients.
+def input_rows(
+    layout: LayerLayout, calls: list[LayerCall], dtype: torch.dtype, reuse: Tensor | None = None
+) -> Tensor:
+    """The input rows ā [N, T_total, d_in'] of one layer from its recorded calls.
 
-    The rows of every call are written into one [N, T_total, d_in'] tensor laid out by
-    :func:`~curvlib.capture.empty_rows` (a single copy, the trailing 1 filled in place). The
-    gradients of a single call stay a view of the backward's result ([K, N, d_out, T] transposed
-    for a convolution); several calls, or another dtype, are copied into one
-    :func:`~curvlib.capture.empty_grad_rows` tensor of that layout. Finiteness is checked on the
-    (much smaller) statistics.
+    The rows of every call are written into one tensor laid out by
+    :func:`~curvlib.capture.empty_rows` (a single copy, the trailing 1 filled in place); a module
+    called several times in one forward contributes every call as further positions.
 
-    ``reuse``, the ``inputs`` of an earlier :class:`LayerData` of this layer that nothing holds any
-    more, is overwritten instead of allocating when its shape and dtype fit: a fresh allocation of
-    tens of MB comes straight from the operating system, and first touching its pages costs
-    several times the copy itself.
+    ``reuse``, input rows of an earlier step of this layer that nothing holds any more, is
+    overwritten instead of allocating when its shape and dtype fit: a fresh allocation of tens of
+    MB comes straight from the operating system, and first touching its pages costs several times
+    the copy itself.
 
     Raises:
         ValueError: the layer was not called.
@@ -134,49 +129,73 @@ def layer_data(
             "statistics; leave it out with include=."
         )
     module, d = layout.module, layout.d_in
-    outputs = [output_rows(module, g, batch_axes=1) for g in grads]  # views [K, N, T, d_out]
-    (k, n, _, d_out), device = outputs[0].shape, outputs[0].device
-    total = sum(g.shape[2] for g in outputs)
-    shape = (n, total, layout.d_cols)
+    positions = [output_rows(module, call.output.detach()).shape[1] for call in calls]
+    shape = (calls[0].input.shape[0], sum(positions), layout.d_cols)
+    device = calls[0].input.device
     fits = reuse is not None and (reuse.shape, reuse.dtype, reuse.device) == (shape, dtype, device)
     inputs = reuse if fits else empty_rows(module, shape, dtype, device)
-    # Either layout suits the statistics: rows that merge into a matrix, or per-example blocks.
-    single = len(outputs) == 1 and outputs[0].dtype == dtype and (
-        outputs[0].is_contiguous() or outputs[0].transpose(-1, -2).is_contiguous())
-    out_rows = outputs[0] if single else empty_grad_rows(module, (k, n, total, d_out), dtype,
-                                                         device)
     start = 0
-    for call, g in zip(calls, outputs):
-        stop = start + g.shape[2]
+    for call, t in zip(calls, positions):
+        stop = start + t
         if layout.has_weight:
             layer_inputs(module, call.input, out=inputs[:, start:stop, :d])
-        if not single:
-            out_rows[:, :, start:stop].copy_(g)
         start = stop
     if layout.has_bias:
         inputs[..., d:].fill_(1.0)
-    return LayerData(inputs, out_rows)
+    return inputs
+
+
+def grad_rows(layout: LayerLayout, grads: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """The gradient rows g [K, N, T_total, d_out] of one layer from the [K, *output.shape]
+    gradients of its calls.
+
+    The gradients of a single call stay a view of the backward's result ([K, N, d_out, T]
+    transposed for a convolution); several calls, or another dtype, are copied into one
+    :func:`~curvlib.capture.empty_grad_rows` tensor of that layout. Finiteness is checked on the
+    (much smaller) statistics.
+    """
+    module = layout.module
+    outputs = [output_rows(module, g, batch_axes=1) for g in grads]  # views [K, N, T, d_out]
+    # Either layout suits the statistics: rows that merge into a matrix, or per-example blocks.
+    if len(outputs) == 1 and outputs[0].dtype == dtype and (
+            outputs[0].is_contiguous() or outputs[0].transpose(-1, -2).is_contiguous()):
+        return outputs[0]
+    k, n, _, d_out = outputs[0].shape
+    total = sum(g.shape[2] for g in outputs)
+    rows = empty_grad_rows(module, (k, n, total, d_out), dtype, outputs[0].device)
+    start = 0
+    for g in outputs:
+        rows[:, :, start : start + g.shape[2]].copy_(g)
+        start += g.shape[2]
+    return rows
 
 
 def step_data(
     layouts: Mapping[str, LayerLayout],
     calls: Mapping[str, list[LayerCall]],
-    grads: Mapping[str, list[Tensor]],
+    grads: Iterable[Mapping[str, list[Tensor]]],
     scale: float,
     num_examples: int,
     dtype: torch.dtype,
     workspace: dict[str, Tensor] | None = None,
+    stream: bool = False,
 ) -> StepData:
-    """Assemble a :class:`StepData` for every covered layer.
+    """Assemble a :class:`StepData` for every covered layer from its recorded calls and chunks
+    of their [K_j, *output.shape] gradients (e.g. :meth:`LayerCapture.grad_output_chunks`).
+
+    ``stream``: convert each chunk only when the step's ``grads`` are read (once), instead of all
+    of them now.
 
     With a ``workspace`` (layer name → input rows), each layer's input rows are written over the
-    ones it holds (see ``reuse`` of :func:`layer_data`), and it then holds the new ones: pass it
+    ones it holds (see ``reuse`` of :func:`input_rows`), and it then holds the new ones: pass it
     only when no earlier :class:`StepData` from it is still in use.
     """
-    layers = {}
+    inputs = {}
     for name, layout in layouts.items():
         reuse = None if workspace is None else workspace.get(name)
-        layers[name] = layer_data(layout, calls[name], grads[name], dtype, reuse)
+        inputs[name] = input_rows(layout, calls[name], dtype, reuse)
         if workspace is not None:
-            workspace[name] = layers[name].inputs
-    return StepData(layers, scale, num_examples)
+            workspace[name] = inputs[name]
+    chunks = ({name: grad_rows(layout, chunk[name], dtype) for name, layout in layouts.items()}
+              for chunk in grads)
+    return StepData(inputs, chunks if stream else list(chunks), scale, num_examples)

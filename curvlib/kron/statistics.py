@@ -42,7 +42,7 @@ from torch import Tensor
 
 def gram(
     rows: Tensor, weights: Tensor | None = None, width: int = 128, chunk: int = 1 << 20,
-    mirror: bool = True, out: Tensor | None = None,
+    mirror: bool = True, out: Tensor | None = None, accumulate: bool = False,
 ) -> Tensor:
     """Σ_m w_m r_m r_mᵀ for rows [M, d] (w_m = 1 without ``weights``), computing only the lower
     triangle of blocks.
@@ -61,20 +61,30 @@ def gram(
     running statistics accumulate (:class:`RunningSum` with ``symmetric=True`` mirrors once, when
     read), which saves the strided mirror copy on every statistics step.
 
-    ``out``: a d × d tensor to write the result into (whatever it held), instead of a new one.
+    ``out``: a d × d tensor to write the result into (whatever it held), instead of a new one;
+    with ``accumulate``, one that holds an earlier result of the same ``width`` and ``mirror`` to
+    add this one to.
     """
     m, d = rows.shape
     bounds = _block_bounds(d, width)
+    if accumulate and out is None:
+        raise ValueError("gram: accumulate=True needs the result to add to in out.")
     if weights is None:
         if out is None:
             out = rows.new_empty(d, d) if mirror else rows.new_zeros(d, d)
-        elif not mirror:
+        elif not (mirror or accumulate):
             for lo, hi in pairwise(bounds):
                 out[lo:hi, hi:].zero_()
         for lo, hi in pairwise(bounds):
-            torch.mm(rows[:, lo:hi].T, rows[:, :hi], out=out[lo:hi, :hi])
+            if accumulate:
+                out[lo:hi, :hi].addmm_(rows[:, lo:hi].T, rows[:, :hi])
+            else:
+                torch.mm(rows[:, lo:hi].T, rows[:, :hi], out=out[lo:hi, :hi])
     else:
-        out = rows.new_zeros(d, d) if out is None else out.zero_()
+        if out is None:
+            out = rows.new_zeros(d, d)
+        elif not accumulate:
+            out.zero_()
         widest = max(hi - lo for lo, hi in pairwise(bounds))
         step = max(1, chunk // widest)
         panel = torch.empty_like(rows[:step, :widest])  # the rows' memory order, so no transpose
@@ -137,7 +147,8 @@ def example_blocks(grads: Tensor) -> Tensor | None:
 
 
 def output_gram(grads: Tensor, weights: Tensor | None = None, chunk: int = 1 << 18,
-                mirror: bool = True, out: Tensor | None = None) -> Tensor:
+                mirror: bool = True, out: Tensor | None = None, accumulate: bool = False
+                ) -> Tensor:
     """Σ_{k,m} w_m g_{k,m} g_{k,m}ᵀ for gradient rows g [K, *R, d] (R row axes holding M rows)
     and row weights w [*R] shared by the K vectors (w_m = 1 without ``weights``).
 
@@ -145,18 +156,23 @@ def output_gram(grads: Tensor, weights: Tensor | None = None, chunk: int = 1 << 
     blocks X_{k,n} = [g_{k,n,1} … g_{k,n,T}] ∈ ℝ^{d × T} (:func:`example_blocks`) are summed as
     Σ_{k,n} (X_{k,n} diag(w_n)) X_{k,n}ᵀ: batched products over about ``chunk`` entries of blocks
     at a time, whose [B, d, d] results (and scaled blocks) live in reused buffers, so no copy of
-    the rows is made. ``mirror`` and ``out`` as in :func:`gram` (the blocks' products are always
-    full).
+    the rows is made. ``mirror``, ``out`` and ``accumulate`` as in :func:`gram` (the blocks'
+    products are always full).
     """
     blocks = example_blocks(grads)
     if blocks is None:
         flat = grads.reshape(-1, grads.shape[-1])
         if weights is not None:
             weights = weights.reshape(-1).repeat(grads.shape[0])
-        return gram(flat, weights, mirror=mirror, out=out)
+        return gram(flat, weights, mirror=mirror, out=out, accumulate=accumulate)
+    if accumulate and out is None:
+        raise ValueError("output_gram: accumulate=True needs the result to add to in out.")
     k, n, d, t = blocks.shape
     step = max(1, min(n, chunk // (d * t)))
-    out = blocks.new_zeros(d, d) if out is None else out.zero_()
+    if out is None:
+        out = blocks.new_zeros(d, d)
+    elif not accumulate:
+        out.zero_()
     products = blocks.new_empty(step, d, d)
     scaled = None if weights is None else blocks.new_empty(step, d, t)
     for kk in range(k):
@@ -282,12 +298,21 @@ class FactorStatistics(ABC):
         self._spare: dict[str, Tensor] = {}
 
     @abstractmethod
+    def output_terms(
+        self, inputs: Tensor, grads: Tensor, terms: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """The parts of a batch's statistics that are sums over the K backpropagated vectors,
+        from rows ā [M, d_in'] and the gradient rows g [K_j, *R, d_out] of a chunk of the vectors
+        (row axes R holding the same M rows in the same order, e.g. (N, T)), added to ``terms``
+        of the earlier chunks (updated in place and returned) or new ones for the first chunk."""
+
+    @abstractmethod
     def batch(
-        self, inputs: Tensor, grads: Tensor, scale: float, num_examples: int
+        self, inputs: Tensor, terms: dict[str, Tensor], scale: float, num_examples: int
     ) -> dict[str, tuple[Tensor, float]]:
-        """One batch's (numerator, count) per running statistic, from rows ā [M, d_in'] and
-        g [K, *R, d_out] (row axes R holding the same M rows in the same order, e.g. (N, T)) and
-        the batch's c and N; :meth:`fold` adds them."""
+        """One batch's (numerator, count) per running statistic, from its rows ā [M, d_in'], the
+        :meth:`output_terms` of all its K vectors and the batch's c and N; :meth:`fold` adds
+        them (the terms' tensors may become numerators)."""
 
     def fold(self, batch: dict[str, tuple[Tensor, float]]) -> None:
         """Add a :meth:`batch` to the running statistics; its matrices (unless kept as a first
@@ -336,12 +361,20 @@ class KFACStatistics(FactorStatistics):
         self.A = RunningSum(weights.ema_decay, symmetric=True)
         self.G = weights.running(symmetric=True)
 
+    def output_terms(
+        self, inputs: Tensor, grads: Tensor, terms: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        if terms is None:
+            return {"G": output_gram(grads, mirror=False, out=self._out("G"))}
+        output_gram(grads, mirror=False, out=terms["G"], accumulate=True)
+        return terms
+
     def batch(
-        self, inputs: Tensor, grads: Tensor, scale: float, num_examples: int
+        self, inputs: Tensor, terms: dict[str, Tensor], scale: float, num_examples: int
     ) -> dict[str, tuple[Tensor, float]]:
         w = self.weights.weight(num_examples)
         return {"A": (gram(inputs, mirror=False, out=self._out("A")), float(inputs.shape[0])),
-                "G": (output_gram(grads, mirror=False, out=self._out("G")).mul_(w * scale), w)}
+                "G": (terms["G"].mul_(w * scale), w)}
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         a = self.A.value()
@@ -363,18 +396,30 @@ class TKFACStatistics(FactorStatistics):
         self.Phi_raw = weights.running(symmetric=True)
         self.Psi_raw = weights.running(symmetric=True)
 
+    def output_terms(
+        self, inputs: Tensor, grads: Tensor, terms: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        # Σ_k ‖g_{m,k}‖² and Σ_{m,k} ‖ā_m‖² g gᵀ; Φ_raw and δ need the former complete.
+        if terms is None:
+            sq_in = squared_norms(inputs)  # ‖ā_m‖², [M]
+            return {"sq_in": sq_in, "sq_out": output_squared_norms(grads).reshape(-1),
+                    "Psi_raw": output_gram(grads, sq_in.view(grads.shape[1:-1]), mirror=False,
+                                           out=self._out("Psi_raw"))}
+        terms["sq_out"] += output_squared_norms(grads).reshape(-1)
+        output_gram(grads, terms["sq_in"].view(grads.shape[1:-1]), mirror=False,
+                    out=terms["Psi_raw"], accumulate=True)
+        return terms
+
     def batch(
-        self, inputs: Tensor, grads: Tensor, scale: float, num_examples: int
+        self, inputs: Tensor, terms: dict[str, Tensor], scale: float, num_examples: int
     ) -> dict[str, tuple[Tensor, float]]:
-        sq_in = squared_norms(inputs)  # ‖ā_m‖², [M]
-        sq_out = output_squared_norms(grads).reshape(-1)  # Σ_k ‖g_{m,k}‖², [M]
+        sq_in, sq_out = terms["sq_in"], terms["sq_out"]
         count = self.weights.weight(num_examples)
         w = count * scale
         return {"delta": (w * torch.dot(sq_in, sq_out), count),
                 "Phi_raw": (gram(inputs, sq_out, mirror=False, out=self._out("Phi_raw"))
                             .mul_(w), count),
-                "Psi_raw": (output_gram(grads, sq_in.view(grads.shape[1:-1]), mirror=False,
-                                        out=self._out("Psi_raw")).mul_(w), count)}
+                "Psi_raw": (terms["Psi_raw"].mul_(w), count)}
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.Phi_raw.value(), self.Psi_raw.value(), self.delta.value()
