@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from curvlib.capture import output_rows
-from curvlib.kron.collect import grad_rows
+from curvlib.capture import LayerCall, layer_inputs, output_rows
+from curvlib.kron.collect import InputRows, LayerInputs, grad_rows
 from curvlib.kron.layout import LayerLayout
 from curvlib.kron.statistics import (
     CurvatureWeights,
@@ -19,6 +19,7 @@ from curvlib.kron.statistics import (
     TKFACStatistics,
     example_blocks,
     gram,
+    input_gram,
     mirror_lower,
     output_gram,
     output_squared_norms,
@@ -148,7 +149,10 @@ def test_batch_statistics_from_chunks_of_vectors_equal_those_of_all(
     equal those of all K vectors at once."""
     gen = torch.Generator().manual_seed(int(blocked))
     k, n, t, d_in, d_out = 4, 5, 3, 6, 4
-    inputs = torch.randn(n * t, d_in, dtype=torch.float64, generator=gen)
+    layer = nn.Linear(d_in, d_out)
+    x = torch.randn(n, t, d_in, dtype=torch.float64, generator=gen)
+    inputs = InputRows(LayerInputs(LayerLayout("layer", layer, [layer.weight, layer.bias]), [x],
+                                   [t], torch.float64), reduce=False)
     grads = torch.randn(k, n, d_out, t, dtype=torch.float64, generator=gen).transpose(2, 3) if (
         blocked) else torch.randn(k, n, t, d_out, dtype=torch.float64, generator=gen)
     weights = CurvatureWeights(reduction, None)
@@ -177,3 +181,55 @@ def test_conv_gradient_rows_stay_per_example_blocks(calls: int, dtype: torch.dty
     assert example_blocks(rows) is not None  # no transposing copy was made
     if calls == 1 and dtype == torch.float32:
         assert rows.data_ptr() == grads[0].data_ptr()  # a view of the backward's result
+
+
+ROW_LAYERS = [
+    (nn.Conv2d(3, 4, kernel_size=3, stride=2, padding=1, dilation=1), (3, 7, 6)),
+    (nn.Conv2d(3, 4, kernel_size=(2, 3), padding="same", dilation=2, bias=False), (3, 6, 7)),
+    (nn.Conv1d(2, 3, kernel_size=3, stride=2), (2, 9)),
+    (nn.Linear(5, 3), (4, 5)),
+]
+
+
+@pytest.mark.parametrize("layer,shape", ROW_LAYERS, ids=[str(m) for m, _ in ROW_LAYERS])
+@pytest.mark.parametrize("calls", [1, 2])
+def test_layer_inputs_form_the_rows_in_chunks(layer: nn.Module, shape: tuple, calls: int) -> None:
+    """Rows formed a chunk of examples at a time, their squared norms (without forming them) and
+    their flavours (expand: every position; reduce: each example's mean) equal those of the
+    whole batch unfolded at once, with every call's positions side by side."""
+    layer = layer.double()
+    params = [p for p in (layer.weight, layer.bias) if p is not None]
+    layout = LayerLayout("layer", layer, params)
+    xs = [torch.randn(5, *shape, dtype=torch.float64) for _ in range(calls)]
+    recorded = [LayerCall(x, layer(x), 0) for x in xs]
+    inputs = LayerInputs.recorded(layout, recorded, torch.float64)
+    expected = layout.homogeneous(torch.cat([layer_inputs(layer, x) for x in xs], dim=1))
+    assert inputs.shape == expected.shape
+    n, t, d = expected.shape
+    for max_entries in (1, 2 * t * d, 1 << 20):  # one example per chunk, two, all
+        chunks = list(inputs.chunks(max_entries))
+        assert [start for start, _ in chunks] == list(range(0, n, chunks[0][1].shape[0]))
+        formed = torch.cat([rows.clone() for _, rows in inputs.chunks(max_entries)])
+        assert torch.equal(formed, expected)
+    assert_close(inputs.squared_norms(), expected.square().sum(-1), rtol=1e-12, what="‖ā‖²")
+    for reduce, rows in ((False, expected.reshape(-1, d)), (True, expected.mean(1))):
+        flavour = InputRows(inputs, reduce)
+        assert flavour.num_rows == rows.shape[0]
+        got = torch.cat([chunk.clone() for _, chunk in flavour.chunks(2 * t * d)])
+        assert_close(got, rows, rtol=1e-12, what=f"rows, reduce={reduce}")
+        assert_close(flavour.squared_norms(), rows.square().sum(-1), rtol=1e-12, what="norms")
+        weights = torch.rand(rows.shape[0], dtype=torch.float64)
+        assert_close(input_gram(flavour, weights), rows.T @ (weights[:, None] * rows),
+                     rtol=1e-12, what=f"weighted gram, reduce={reduce}")
+
+
+def test_layer_inputs_refuse_an_input_changed_in_place() -> None:
+    layer = nn.Conv2d(2, 3, kernel_size=3)
+    x = torch.randn(4, 2, 5, 5)
+    inputs = LayerInputs.recorded(LayerLayout("conv", layer, [layer.weight, layer.bias]),
+                                  [LayerCall(x, layer(x), 0)], torch.float32)
+    x.add_(1.0)
+    with pytest.raises(ValueError, match="input of module 'conv' was modified in place"):
+        inputs.rows(0, 4)
+    with pytest.raises(ValueError, match="input of module 'conv' was modified in place"):
+        inputs.squared_norms()

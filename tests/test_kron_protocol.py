@@ -11,7 +11,9 @@ from torch import Tensor, nn
 
 from curvlib import EKFAC, KFAC, TEKFAC
 from curvlib.kron import KroneckerEstimate, eigen
+from curvlib.kron.collect import LayerInputs
 from curvlib.kron.eigen import SquaresRoute, eigenbasis_squares, eigh_psd, pad_columns
+from curvlib.kron.layout import LayerLayout
 from curvlib.testing import assert_close, dense_ggn
 from tests.cases import make_case
 from tests.test_kron_exact import METHODS, fitted, ggn_blocks, to_wb
@@ -26,6 +28,12 @@ def recorded(estimate: KroneckerEstimate, x: Tensor, y: Tensor) -> list[Tensor]:
     estimate.loss.module(outputs, y).backward()
     estimate.flush()
     return [p.grad.clone() for p in model.parameters()]
+
+
+def linear_rows(x: Tensor) -> LayerInputs:
+    """x [N, T, d] as the input rows of a bias-free linear layer (the rows are x itself)."""
+    layer = nn.Linear(x.shape[-1], 2, bias=False)
+    return LayerInputs(LayerLayout("layer", layer, [layer.weight]), [x], [x.shape[1]], x.dtype)
 
 
 def plain_gradient(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
@@ -161,49 +169,32 @@ def test_tied_calls_and_conv1d_keep_the_trace(name: str) -> None:
         assert_close(estimate.trace(), torch.trace(reference), rtol=1e-10, what="trace")
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_reused_input_rows_give_the_statistics_of_fresh_ones(
+@pytest.mark.parametrize("method", [EKFAC, TEKFAC])
+def test_kept_step_holds_layer_inputs_and_its_saved_state_copies_them(
     method: type[KroneckerEstimate],
 ) -> None:
-    """Each statistics step writes its input rows over a free earlier step's, through update()
-    and record() alike: K-FAC/TKFAC over the previous step's (dropped once folded), EKFAC/TEKFAC
-    over the step's before the last (the last is kept for the diagonal refit). Factors, the
-    diagonal folded in between and a state dict saved in between are those of fresh rows."""
+    """EKFAC/TEKFAC keep their latest step for the diagonal refit as the layers' recorded inputs,
+    not as unfolded rows; a state dict copies them, so a later in-place change of the batch
+    leaves the saved state intact, and a kept input changed in place is refused by name."""
     model, loss_fn, x, y = make_case("conv1d", "cross_entropy", "mean", batch=6)
-    steps = [(x[i : i + 3], y[i : i + 3]) for i in (0, 3, 1, 2)]
-    fresh = method(model, loss_fn, fisher="mc", seed=5)
-    reused = method(model, loss_fn, fisher="mc", seed=5)
-    # No refresh on reads: a recorded step cannot be replayed into a new basis as updates are.
-    fresh.auto_refresh = reused.auto_refresh = False
-    rows: list[dict[str, int]] = []  # storage of each step's input rows, per layer
-    for i, (bx, by) in enumerate(steps):
-        fresh._workspace = None  # type: ignore[assignment]  # allocate every step
-        fresh.update(bx, by)
-        if i == 1:
-            recorded(reused, bx, by)
-        else:
-            reused.update(bx, by)
-        held = reused._last.inputs if method.refits_diagonal else reused._workspace
-        rows.append({layer: inputs.data_ptr() for layer, inputs in held.items()})
-        if i == 0:
-            fresh.refresh()
-            reused.refresh()
-            saved = reused.state_dict()
-            saved_rows = {k: x.clone() for k, x in saved["last"]["inputs"].items()} \
-                if method.refits_diagonal else {}
-    assert rows[0] and rows[2] == rows[0] and rows[3] == rows[1]
-    if method.refits_diagonal:
-        assert all(rows[1][layer] != ptr for layer, ptr in rows[0].items())
-        for layer, expected in saved_rows.items():
-            assert torch.equal(saved["last"]["inputs"][layer], expected)
-    else:
-        assert rows[1] == rows[0]
-    for layer, expected in fresh.factors().items():
-        got = reused.factors()[layer]
-        for key in ("A", "G", "delta", "Phi_raw", "Psi_raw"):
-            if key in expected:
-                assert_close(got[key], expected[key], rtol=1e-12, what=f"{layer} {key}")
-    assert_close(reused.to_dense(), fresh.to_dense(), rtol=1e-12, what="curvature")
+    estimate = method(model, loss_fn, fisher="mc", seed=5)
+    estimate.auto_refresh = False
+    x = x.clone()
+    recorded(estimate, x, y)
+    kept = estimate._last.inputs
+    first = next(iter(estimate.layouts))
+    assert kept[first].inputs[0].data_ptr() == x.data_ptr()  # the batch itself, not rows
+    estimate.refresh()
+    saved = estimate.state_dict()
+    before = estimate.to_dense()
+    x.mul_(2.0)  # e.g. a reused input buffer refilled with the next batch
+    with pytest.raises(ValueError, match=f"input of module '{first}' was modified in place"):
+        estimate.refresh()
+    restored = method(model, loss_fn, fisher="mc", seed=5)
+    restored.load_state_dict(saved)
+    restored.auto_refresh = False
+    restored.refresh()  # refits the diagonal from the saved copy of the kept step
+    assert_close(restored.to_dense(), before, rtol=1e-12, what="curvature from the saved step")
 
 
 # ---------------------------------------------------------------------------- numerics
@@ -327,11 +318,12 @@ def test_eigenbasis_squares_routes_agree(t: int, route: SquaresRoute) -> None:
     sides at T = 8 > K·d_out, d_in') and Gram routes all equal
     Σ_{n,k} (U_outᵀ U_{n,k} U_in)^{∘2}."""
     gen = torch.Generator().manual_seed(t)
-    inputs = torch.randn(5, t, 4, dtype=torch.float64, generator=gen)
+    x = torch.randn(5, t, 4, dtype=torch.float64, generator=gen)
+    inputs = linear_rows(x)
     grads = torch.randn(3, 5, t, 2, dtype=torch.float64, generator=gen)
     basis_in = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=gen))[0]
     basis_out = torch.linalg.qr(torch.randn(2, 2, dtype=torch.float64, generator=gen))[0]
-    per_example = torch.einsum("knti,ntj->knij", grads, inputs)
+    per_example = torch.einsum("knti,ntj->knij", grads, x)
     expected = (basis_out.T @ per_example @ basis_in).square().sum((0, 1))
     blocks = grads.transpose(-1, -2).contiguous().transpose(-1, -2)  # a convolution's layout
     for layout, g in (("rows", grads), ("blocks", blocks)):
@@ -351,7 +343,7 @@ def test_pad_columns_appends_zero_columns(column_major: bool) -> None:
 
 
 def test_eigenbasis_squares_outer_route_needs_one_position() -> None:
-    inputs, grads = torch.randn(2, 3, 4), torch.randn(1, 2, 3, 2)
+    inputs, grads = linear_rows(torch.randn(2, 3, 4)), torch.randn(1, 2, 3, 2)
     with pytest.raises(ValueError, match="T=3"):
         eigenbasis_squares(inputs, grads, torch.eye(4), torch.eye(2), route="outer")
 

@@ -64,6 +64,8 @@ from curvlib.exact.base import as_args, check_no_training_batchnorm
 from curvlib.kron.collect import (
     TYPE2_COLUMNS,
     GradChunk,
+    InputRows,
+    LayerInputs,
     StepData,
     Type2Columns,
     backprop_vectors,
@@ -263,11 +265,6 @@ class KroneckerEstimate(CurvatureEstimate):
         self._replay_fingerprint: tuple[tuple[int, int, int], ...] = ()
         self._last: StepData | None = None
         self._last_step = -1
-        # Input rows that the next statistics step overwrites (curvlib.kron.collect.step_data)
-        # instead of allocating: K-FAC and TKFAC drop each step once folded, so it is the last
-        # step's; EKFAC/TEKFAC keep their last step (self._last), so it is the one before
-        # (double buffering; state dicts copy self._last so that nothing else holds either).
-        self._workspace: dict[str, Tensor] = {}
         # Eigenbasis → its bases with zero columns up to a fast width (eigen.pad_columns), made
         # once per refresh instead of once per diagonal fold.
         self._padded: dict[str, tuple[Eigenbasis, Tensor, Tensor]] = {}
@@ -386,8 +383,7 @@ class KroneckerEstimate(CurvatureEstimate):
             for name, calls in pending.calls.items()
         }
         self._fold(step_data(self.layouts, pending.calls, [grads], c,
-                             pending.outputs.shape[0], self.dtype, self._workspace),
-                   pending.step)
+                             pending.outputs.shape[0], self.dtype), pending.step)
 
     def refresh(self) -> None:
         """Eigendecompose every layer's factors; EKFAC/TEKFAC reset and refit their diagonal."""
@@ -398,6 +394,9 @@ class KroneckerEstimate(CurvatureEstimate):
                     f"{type(self).__name__} has no statistics for module {layer!r}: call "
                     "update() or record() first."
                 )
+        if self.refits_diagonal and self._last is not None:
+            for kept in self._last.inputs.values():  # the refit reads them: fail before changing
+                kept.check_unmodified()
         for layer, stats in self._stats.items():
             fac_in, fac_out, divisor = stats.factors()
             names = self._factor_names()
@@ -466,27 +465,20 @@ class KroneckerEstimate(CurvatureEstimate):
             # Folded one backward pass at a time: one vector's gradients in memory, not K.
             grads = capture.grad_output_chunks(outputs, vectors)
         return step_data(self.layouts, capture.calls, grads, c, outputs.shape[0], self.dtype,
-                         self._workspace, stream=not self.refits_diagonal)
-
-    def _input_rows(self, inputs: Tensor) -> Tensor:
-        """ā rows [M, d_in'] of ā [N, T, d_in'] under the weight-sharing flavour (§2.3): every
-        (example, position) is a row (expand), or the mean over positions of each example is
-        (reduce)."""
-        if self.weight_sharing == "expand":
-            return inputs.reshape(-1, inputs.shape[-1])
-        return inputs.mean(dim=1)
+                         stream=not self.refits_diagonal)
 
     def _grad_rows(self, grads: Tensor) -> Tensor:
-        """g rows [K, *R, d_out] of g [K, N, T, d_out] with the M rows of :meth:`_input_rows`
-        over the axes R: g itself (expand; a convolution's gradient, stored per example with
-        the positions innermost, has no [K, N·T, d_out] view), or the sum over positions
-        (reduce)."""
+        """g rows [K, *R, d_out] of g [K, N, T, d_out] with the M rows of the step's
+        :class:`InputRows` over the axes R: g itself (expand; a convolution's gradient, stored
+        per example with the positions innermost, has no [K, N·T, d_out] view), or the sum over
+        positions (reduce)."""
         return grads if self.weight_sharing == "expand" else grads.sum(dim=2)
 
     def _fold(self, step: StepData, step_id: int | None = None) -> None:
         # All layers' batch statistics first, checked, then added, so that a non-finite input or
         # gradient row leaves every running statistic untouched.
-        inputs = {layer: self._input_rows(x) for layer, x in step.inputs.items()}
+        reduce = self.weight_sharing == "reduce"
+        inputs = {layer: InputRows(x, reduce) for layer, x in step.inputs.items()}
         terms: dict[str, dict[str, Tensor]] = {}
         grad_rows = dict.fromkeys(self._stats, 0)  # K·M
         for chunk in step.grads:
@@ -496,7 +488,7 @@ class KroneckerEstimate(CurvatureEstimate):
                 grad_rows[layer] += math.prod(grads.shape[:-1])
         batches = {layer: stats.batch(inputs[layer], terms[layer], step.scale, step.num_examples)
                    for layer, stats in self._stats.items()}
-        rows = {layer: (inputs[layer].shape[0], grad_rows[layer]) for layer in self._stats}
+        rows = {layer: (inputs[layer].num_rows, grad_rows[layer]) for layer in self._stats}
         if self.process_group is not None:
             batches, rows = self._reduce_statistics(batches, rows, step.num_examples)
         for layer, batch in batches.items():
@@ -514,10 +506,7 @@ class KroneckerEstimate(CurvatureEstimate):
             }
         self._version += 1
         if self.refits_diagonal:
-            # step_data wrote this step's rows over the workspace's: the previous last step's
-            # rows are the ones free now.
-            previous, self._last = self._last, step
-            self._workspace = {} if previous is None else dict(previous.inputs)
+            self._last = step
             self._last_step = self._steps if step_id is None else step_id
             if self._bases:
                 self._fold_diagonal(step)
@@ -755,7 +744,8 @@ class KroneckerEstimate(CurvatureEstimate):
         last = None
         if self._last is not None:
             last = {
-                "inputs": {k: x.clone() for k, x in self._last.inputs.items()},
+                "inputs": {k: (x.copy().inputs, x.positions)
+                           for k, x in self._last.inputs.items()},
                 "grads": [_clone_chunk(chunk) for chunk in self._last.grads],
                 "scale": self._last.scale,
                 "num_examples": self._last.num_examples,
@@ -812,9 +802,9 @@ class KroneckerEstimate(CurvatureEstimate):
         last = state["last"]
         self._last, self._last_step = None, -1
         if last is not None:
-            # Copies: the rows become a statistics workspace later, and are overwritten then.
             self._last = StepData(
-                {k: x.clone() for k, x in last["inputs"].items()},
+                {k: LayerInputs(self.layouts[k], [x.clone() for x in inputs], list(positions),
+                                self.dtype) for k, (inputs, positions) in last["inputs"].items()},
                 [_clone_chunk(chunk) for chunk in last["grads"]],
                 last["scale"], last["num_examples"],
             )

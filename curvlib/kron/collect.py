@@ -32,12 +32,12 @@ vanish in expectation.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from curvlib.capture import LayerCall, empty_grad_rows, empty_rows, layer_inputs, output_rows
 from curvlib.kron.layout import LayerLayout
@@ -52,15 +52,15 @@ GradChunk = dict[str, Tensor]
 
 @dataclass
 class StepData:
-    """One statistics step: every layer's input rows ā [N, T, d_in'], its gradient rows in chunks
-    of the K vectors, the reduction factor c and the batch size N.
+    """One statistics step: every layer's input rows ā [N, T, d_in'] (formed when read), its
+    gradient rows in chunks of the K vectors, the reduction factor c and the batch size N.
 
     ``grads`` is a list of chunks, or an iterator that runs each chunk's backward pass as it is
     read (:func:`step_data` with ``stream=True``), which can be read once: the statistics then
     hold one chunk of gradients at a time instead of all K.
     """
 
-    inputs: dict[str, Tensor]
+    inputs: dict[str, LayerInputs]
     grads: Iterable[GradChunk]
     scale: float
     num_examples: int
@@ -106,43 +106,129 @@ def backprop_vectors(
     return loss.backprop_vectors(fisher, outputs, targets, mc_samples, generator)
 
 
-def input_rows(
-    layout: LayerLayout, calls: list[LayerCall], dtype: torch.dtype, reuse: Tensor | None = None
-) -> Tensor:
-    """The input rows ā [N, T_total, d_in'] of one layer from its recorded calls.
+class LayerInputs:
+    """The input rows ā [N, T, d_in'] of one layer in one step, formed from the layer's recorded
+    inputs when they are read, a chunk of examples at a time.
 
-    The rows of every call are written into one tensor laid out by
-    :func:`~curvlib.capture.empty_rows` (a single copy, the trailing 1 filled in place); a module
-    called several times in one forward contributes every call as further positions.
-
-    ``reuse``, input rows of an earlier step of this layer that nothing holds any more, is
-    overwritten instead of allocating when its shape and dtype fit: a fresh allocation of tens of
-    MB comes straight from the operating system, and first touching its pages costs several times
-    the copy itself.
-
-    Raises:
-        ValueError: the layer was not called.
+    Nothing of the rows' size is kept: a convolution's rows (its unfolded receptive fields, k× its
+    input for a kernel of k offsets) exist one chunk at a time, in the buffer of whoever reads
+    them. The recorded inputs are detached references to the forward's own tensors, checked for
+    in-place changes whenever rows are formed. The rows of every call are laid out along T (a
+    module called several times in one forward contributes every call as further positions, pitfall
+    P11) with the trailing 1 of the homogeneous coordinate.
     """
-    if not calls:
-        raise ValueError(
-            f"Module {layout.name!r} was not called during the forward pass, so it has no "
-            "statistics; leave it out with include=."
-        )
-    module, d = layout.module, layout.d_in
-    positions = [output_rows(module, call.output.detach()).shape[1] for call in calls]
-    shape = (calls[0].input.shape[0], sum(positions), layout.d_cols)
-    device = calls[0].input.device
-    fits = reuse is not None and (reuse.shape, reuse.dtype, reuse.device) == (shape, dtype, device)
-    inputs = reuse if fits else empty_rows(module, shape, dtype, device)
-    start = 0
-    for call, t in zip(calls, positions):
-        stop = start + t
+
+    def __init__(self, layout: LayerLayout, inputs: list[Tensor], positions: list[int],
+                 dtype: torch.dtype) -> None:
+        self.layout = layout
+        self.dtype = dtype
+        self.inputs = inputs
+        self.positions = positions
+        self._versions = [x._version for x in inputs]
+        self.shape = (inputs[0].shape[0], sum(positions), layout.d_cols)
+        self.device = inputs[0].device
+
+    @classmethod
+    def recorded(cls, layout: LayerLayout, calls: list[LayerCall], dtype: torch.dtype
+                 ) -> LayerInputs:
+        """The rows of the recorded calls of a layer."""
+        if not calls:
+            raise ValueError(
+                f"Module {layout.name!r} was not called during the forward pass, so it has no "
+                "statistics; leave it out with include=."
+            )
+        positions = [output_rows(layout.module, call.output.detach()).shape[1] for call in calls]
+        return cls(layout, [call.input for call in calls], positions, dtype)
+
+    def check_unmodified(self) -> None:
+        """Raise a ValueError naming the layer if a recorded input was changed in place."""
+        if any(x._version != v for x, v in zip(self.inputs, self._versions)):
+            raise ValueError(
+                f"The input of module {self.layout.name!r} was modified in place after the "
+                "forward pass that recorded it; its statistics cannot be formed from it."
+            )
+
+    def empty(self, examples: int) -> Tensor:
+        """An uninitialised [examples, T, d_in'] buffer in the layout :meth:`rows` fills fastest
+        (:func:`~curvlib.capture.empty_rows`)."""
+        return empty_rows(self.layout.module, (examples, *self.shape[1:]), self.dtype,
+                          self.device)
+
+    def rows(self, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+        """ā of examples start … stop − 1, [m, T, d_in'], written into ``out`` if given (e.g. a
+        slice of :meth:`empty`)."""
+        self.check_unmodified()
+        out = self.empty(stop - start) if out is None else out
+        layout, d = self.layout, self.layout.d_in
+        begin = 0
+        for x, t in zip(self.inputs, self.positions):
+            if layout.has_weight:
+                layer_inputs(layout.module, x[start:stop], out=out[:, begin : begin + t, :d])
+            begin += t
+        if layout.has_bias:
+            out[..., d:].fill_(1.0)
+        return out
+
+    def chunks(self, max_entries: int = 1 << 20) -> Iterator[tuple[int, Tensor]]:
+        """(first example, its rows [m, T, d_in']) for consecutive chunks of about
+        ``max_entries`` entries, formed one after the other in one buffer."""
+        n, t, d = self.shape
+        step = max(1, min(n, max_entries // max(t * d, 1)))
+        buffer = self.empty(step)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            yield start, self.rows(start, stop, out=buffer[: stop - start])
+
+    def squared_norms(self) -> Tensor:
+        """‖ā_{n,t}‖², [N, T], without forming the rows: the unfolded rows of the input's
+        squares summed over its channels (features) are the rows' squares summed by offset."""
+        self.check_unmodified()
+        layout, module = self.layout, self.layout.module
+        norms = torch.zeros(self.shape[:2], dtype=self.dtype, device=self.device)
         if layout.has_weight:
-            layer_inputs(module, call.input, out=inputs[:, start:stop, :d])
-        start = stop
-    if layout.has_bias:
-        inputs[..., d:].fill_(1.0)
-    return inputs
+            begin = 0
+            channel = -1 if isinstance(module, nn.Linear) else 1
+            for x, t in zip(self.inputs, self.positions):
+                squares = x.to(self.dtype).square().sum(channel, keepdim=True)
+                norms[:, begin : begin + t] = layer_inputs(module, squares).sum(-1)
+                begin += t
+        return norms.add_(1.0) if layout.has_bias else norms
+
+    def copy(self) -> LayerInputs:
+        """The same rows from copies of the recorded inputs (for a state dict)."""
+        return LayerInputs(self.layout, [x.clone() for x in self.inputs], list(self.positions),
+                           self.dtype)
+
+
+@dataclass
+class InputRows:
+    """The rows ā_m [M, d_in'] a layer's statistics read, under a weight-sharing flavour
+    (kfac_family.md §2.3): every (example, position) is a row (expand, M = N·T), or each
+    example's mean over its positions is (reduce, M = N); formed a chunk at a time."""
+
+    inputs: LayerInputs
+    reduce: bool
+
+    @property
+    def num_rows(self) -> int:
+        n, t, _ = self.inputs.shape
+        return n if self.reduce else n * t
+
+    def chunks(self, max_entries: int = 1 << 20) -> Iterator[tuple[int, Tensor]]:
+        """(first row, rows [m, d_in']) for consecutive chunks of rows (each valid until the
+        next is read)."""
+        t, d = self.inputs.shape[1:]
+        for start, rows in self.inputs.chunks(max_entries):
+            if self.reduce:
+                yield start, rows.mean(dim=1)
+            else:
+                yield start * t, rows.reshape(-1, d)
+
+    def squared_norms(self) -> Tensor:
+        """‖ā_m‖² of every row, [M]."""
+        if not self.reduce:
+            return self.inputs.squared_norms().reshape(-1)
+        return torch.cat([rows.square().sum(-1) for _, rows in self.chunks()])
 
 
 def grad_rows(layout: LayerLayout, grads: list[Tensor], dtype: torch.dtype) -> Tensor:
@@ -177,7 +263,6 @@ def step_data(
     scale: float,
     num_examples: int,
     dtype: torch.dtype,
-    workspace: dict[str, Tensor] | None = None,
     stream: bool = False,
 ) -> StepData:
     """Assemble a :class:`StepData` for every covered layer from its recorded calls and chunks
@@ -185,17 +270,9 @@ def step_data(
 
     ``stream``: convert each chunk only when the step's ``grads`` are read (once), instead of all
     of them now.
-
-    With a ``workspace`` (layer name → input rows), each layer's input rows are written over the
-    ones it holds (see ``reuse`` of :func:`input_rows`), and it then holds the new ones: pass it
-    only when no earlier :class:`StepData` from it is still in use.
     """
-    inputs = {}
-    for name, layout in layouts.items():
-        reuse = None if workspace is None else workspace.get(name)
-        inputs[name] = input_rows(layout, calls[name], dtype, reuse)
-        if workspace is not None:
-            workspace[name] = inputs[name]
+    inputs = {name: LayerInputs.recorded(layout, calls[name], dtype)
+              for name, layout in layouts.items()}
     chunks = ({name: grad_rows(layout, chunk[name], dtype) for name, layout in layouts.items()}
               for chunk in grads)
     return StepData(inputs, chunks if stream else list(chunks), scale, num_examples)

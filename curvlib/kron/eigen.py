@@ -55,6 +55,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from curvlib.kron.collect import LayerInputs
 from curvlib.losses import all_finite, check_finite
 
 LOW_RANK_OVERSAMPLING = 8
@@ -124,14 +125,15 @@ SquaresRoute = Literal["auto", "outer", "per_example", "gram"]
 
 
 def eigenbasis_squares(
-    inputs: Tensor,
+    inputs: LayerInputs,
     grads: Tensor,
     basis_in: Tensor,
     basis_out: Tensor,
     max_elements: int = 1 << 19,
     route: SquaresRoute = "auto",
 ) -> Tensor:
-    """Σ_{n,k} (U_outᵀ U_{n,k} U_in)^{∘2} for ā [N, T, d_in'] and g [K, N, T, d_out] (no c).
+    """Σ_{n,k} (U_outᵀ U_{n,k} U_in)^{∘2} for ā [N, T, d_in'] (formed a chunk of examples at a
+    time) and g [K, N, T, d_out] (no c).
 
     The bases may carry zero columns beyond their size (:func:`pad_columns`, which is applied
     here otherwise); the result is d_out × d_in'. ``route`` forces one of the routes of the module
@@ -162,11 +164,12 @@ def eigenbasis_squares(
         per_example = k * w_out * w_in + t * (w_in + k * w_out)
     else:
         per_example = t * t * (w_out + w_in)
-    result = inputs.new_zeros(w_out, w_in)
+    result = grads.new_zeros(w_out, w_in)
     chunk = max(1, min(n, max_elements // max(per_example, 1)))
     # One workspace per product, reused by every chunk: a fresh buffer per chunk costs page
     # faults on CPU comparable to the product itself.
-    rotated_in = inputs.new_empty(chunk, t, w_in) if rows_in else None
+    formed = inputs.empty(chunk)
+    rotated_in = grads.new_empty(chunk, t, w_in) if rows_in else None
     # An example's K gradients enter one product as a [K·d_out, T] left factor. Gradients stored
     # with d_out innermost (linear layers) and K > 1 are packed [m, T, K, d_out] so that it is a
     # transposed view; per-example [d_out, T] blocks (convolutions) copy into it along T.
@@ -174,9 +177,10 @@ def eigenbasis_squares(
     rotated_out = None if not rows_out else (
         grads.new_empty(chunk * t * k, w_out) if packed else grads.new_empty(k, chunk, t, w_out))
     for start in range(0, n, chunk):
-        a = inputs[start : start + chunk]  # ā [m, T, d_in']
-        g = grads[:, start : start + chunk]  # g [K, m, T, d_out]
-        m = a.shape[0]
+        stop = min(n, start + chunk)
+        m = stop - start
+        a = inputs.rows(start, stop, out=formed[:m])  # ā [m, T, d_in']
+        g = grads[:, start:stop]  # g [K, m, T, d_out]
         if rotated_in is not None:
             a = torch.matmul(a, basis_in, out=rotated_in[:m])
         if packed:

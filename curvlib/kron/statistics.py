@@ -39,6 +39,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from curvlib.kron.collect import InputRows
+
 
 def gram(
     rows: Tensor, weights: Tensor | None = None, width: int = 128, chunk: int = 1 << 20,
@@ -115,6 +117,20 @@ def mirror_lower(matrix: Tensor, width: int = 128) -> Tensor:
         block = matrix[lo:hi, lo:hi]
         block.copy_(block.tril() + block.tril(-1).T)
     return matrix
+
+
+def input_gram(rows: InputRows, weights: Tensor | None = None, mirror: bool = True,
+               out: Tensor | None = None) -> Tensor:
+    """Σ_m w_m ā_m ā_mᵀ over input rows formed a chunk at a time (:class:`InputRows`), each
+    chunk's :func:`gram` added to the earlier ones'; ``weights`` [M] (w_m = 1 without),
+    ``mirror`` and ``out`` as in :func:`gram`."""
+    first = True
+    for start, chunk in rows.chunks():
+        w = None if weights is None else weights[start : start + chunk.shape[0]]
+        out = gram(chunk, w, mirror=False, out=out, accumulate=not first)
+        first = False
+    assert out is not None
+    return mirror_lower(out) if mirror else out
 
 
 def squared_norms(rows: Tensor, chunk: int = 1 << 18) -> Tensor:
@@ -299,7 +315,7 @@ class FactorStatistics(ABC):
 
     @abstractmethod
     def output_terms(
-        self, inputs: Tensor, grads: Tensor, terms: dict[str, Tensor] | None = None
+        self, inputs: InputRows, grads: Tensor, terms: dict[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
         """The parts of a batch's statistics that are sums over the K backpropagated vectors,
         from rows ā [M, d_in'] and the gradient rows g [K_j, *R, d_out] of a chunk of the vectors
@@ -308,7 +324,7 @@ class FactorStatistics(ABC):
 
     @abstractmethod
     def batch(
-        self, inputs: Tensor, terms: dict[str, Tensor], scale: float, num_examples: int
+        self, inputs: InputRows, terms: dict[str, Tensor], scale: float, num_examples: int
     ) -> dict[str, tuple[Tensor, float]]:
         """One batch's (numerator, count) per running statistic, from its rows ā [M, d_in'], the
         :meth:`output_terms` of all its K vectors and the batch's c and N; :meth:`fold` adds
@@ -362,7 +378,7 @@ class KFACStatistics(FactorStatistics):
         self.G = weights.running(symmetric=True)
 
     def output_terms(
-        self, inputs: Tensor, grads: Tensor, terms: dict[str, Tensor] | None = None
+        self, inputs: InputRows, grads: Tensor, terms: dict[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
         if terms is None:
             return {"G": output_gram(grads, mirror=False, out=self._out("G"))}
@@ -370,10 +386,11 @@ class KFACStatistics(FactorStatistics):
         return terms
 
     def batch(
-        self, inputs: Tensor, terms: dict[str, Tensor], scale: float, num_examples: int
+        self, inputs: InputRows, terms: dict[str, Tensor], scale: float, num_examples: int
     ) -> dict[str, tuple[Tensor, float]]:
         w = self.weights.weight(num_examples)
-        return {"A": (gram(inputs, mirror=False, out=self._out("A")), float(inputs.shape[0])),
+        return {"A": (input_gram(inputs, mirror=False, out=self._out("A")),
+                      float(inputs.num_rows)),
                 "G": (terms["G"].mul_(w * scale), w)}
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -397,11 +414,11 @@ class TKFACStatistics(FactorStatistics):
         self.Psi_raw = weights.running(symmetric=True)
 
     def output_terms(
-        self, inputs: Tensor, grads: Tensor, terms: dict[str, Tensor] | None = None
+        self, inputs: InputRows, grads: Tensor, terms: dict[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
         # Σ_k ‖g_{m,k}‖² and Σ_{m,k} ‖ā_m‖² g gᵀ; Φ_raw and δ need the former complete.
         if terms is None:
-            sq_in = squared_norms(inputs)  # ‖ā_m‖², [M]
+            sq_in = inputs.squared_norms()  # ‖ā_m‖², [M]
             return {"sq_in": sq_in, "sq_out": output_squared_norms(grads).reshape(-1),
                     "Psi_raw": output_gram(grads, sq_in.view(grads.shape[1:-1]), mirror=False,
                                            out=self._out("Psi_raw"))}
@@ -411,13 +428,13 @@ class TKFACStatistics(FactorStatistics):
         return terms
 
     def batch(
-        self, inputs: Tensor, terms: dict[str, Tensor], scale: float, num_examples: int
+        self, inputs: InputRows, terms: dict[str, Tensor], scale: float, num_examples: int
     ) -> dict[str, tuple[Tensor, float]]:
         sq_in, sq_out = terms["sq_in"], terms["sq_out"]
         count = self.weights.weight(num_examples)
         w = count * scale
         return {"delta": (w * torch.dot(sq_in, sq_out), count),
-                "Phi_raw": (gram(inputs, sq_out, mirror=False, out=self._out("Phi_raw"))
+                "Phi_raw": (input_gram(inputs, sq_out, mirror=False, out=self._out("Phi_raw"))
                             .mul_(w), count),
                 "Psi_raw": (terms["Psi_raw"].mul_(w), count)}
 
