@@ -744,7 +744,7 @@ class KroneckerEstimate(CurvatureEstimate):
         last = None
         if self._last is not None:
             last = {
-                "inputs": {k: (x.copy().inputs, x.positions)
+                "inputs": {k: ([t.clone() for t in x.inputs], x.positions)
                            for k, x in self._last.inputs.items()},
                 "grads": [_clone_chunk(chunk) for chunk in self._last.grads],
                 "scale": self._last.scale,

@@ -194,11 +194,6 @@ class LayerInputs:
                 begin += t
         return norms.add_(1.0) if layout.has_bias else norms
 
-    def copy(self) -> LayerInputs:
-        """The same rows from copies of the recorded inputs (for a state dict)."""
-        return LayerInputs(self.layout, [x.clone() for x in self.inputs], list(self.positions),
-                           self.dtype)
-
 
 @dataclass
 class InputRows:
