@@ -304,6 +304,7 @@ class LayerCapture:
                 allow_unused=True, materialize_grads=True,
             )
             yield self._by_layer(items, [g.unsqueeze(0) for g in column])
+            del column  # the consumer is done with it: not held during the next pass
 
     def grad_outputs(
         self, model_output: Tensor, vectors: Tensor, batched: bool | None = None

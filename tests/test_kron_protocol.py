@@ -4,12 +4,15 @@ Kronecker estimates, in float64 unless a test says otherwise."""
 from __future__ import annotations
 
 import io
+import weakref
+from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from curvlib import EKFAC, KFAC, TEKFAC
+from curvlib import EKFAC, KFAC, TEKFAC, TKFAC
+from curvlib.capture import LayerCapture
 from curvlib.kron import KroneckerEstimate, eigen
 from curvlib.kron.collect import LayerInputs
 from curvlib.kron.eigen import SquaresRoute, eigenbasis_squares, eigh_psd, pad_columns
@@ -195,6 +198,33 @@ def test_kept_step_holds_layer_inputs_and_its_saved_state_copies_them(
     restored.auto_refresh = False
     restored.refresh()  # refits the diagonal from the saved copy of the kept step
     assert_close(restored.to_dense(), before, rtol=1e-12, what="curvature from the saved step")
+
+
+@pytest.mark.parametrize("method", [KFAC, TKFAC])
+def test_type2_columns_are_released_before_the_next_backward_pass(
+    method: type[KroneckerEstimate], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """K-FAC/TKFAC fold each backward pass's gradients before the next pass runs and keep no
+    reference to them: while a pass runs, the gradients of every earlier one are freed."""
+    model, loss_fn, x, y = make_case("cnn", "cross_entropy", "mean", batch=3)
+    earlier: list[weakref.ref[Tensor]] = []
+    alive_during_pass: list[int] = []
+    chunks = LayerCapture.grad_output_chunks
+
+    def watched(self: LayerCapture, *args: object, **kwargs: object
+                ) -> Iterator[dict[str, list[Tensor]]]:
+        for chunk in chunks(self, *args, **kwargs):
+            alive_during_pass.append(sum(ref() is not None for ref in earlier))
+            earlier.extend(weakref.ref(g) for grads in chunk.values() for g in grads)
+            yield chunk
+            del chunk  # hold nothing while the next pass runs
+
+    monkeypatch.setattr(LayerCapture, "grad_output_chunks", watched)
+    estimate = method(model, loss_fn, fisher="type2")
+    estimate.update(x, y)
+    classes = model(x).shape[1]
+    assert classes > 1 and len(alive_during_pass) == classes  # one pass per class
+    assert alive_during_pass == [0] * classes
 
 
 # ---------------------------------------------------------------------------- numerics

@@ -486,6 +486,7 @@ class KroneckerEstimate(CurvatureEstimate):
                 grads = self._grad_rows(chunk[layer])
                 terms[layer] = stats.output_terms(inputs[layer], grads, terms.get(layer))
                 grad_rows[layer] += math.prod(grads.shape[:-1])
+            del chunk, grads  # a streamed step's next backward pass runs without them
         batches = {layer: stats.batch(inputs[layer], terms[layer], step.scale, step.num_examples)
                    for layer, stats in self._stats.items()}
         rows = {layer: (inputs[layer].num_rows, grad_rows[layer]) for layer in self._stats}

@@ -268,6 +268,10 @@ def step_data(
     """
     inputs = {name: LayerInputs.recorded(layout, calls[name], dtype)
               for name, layout in layouts.items()}
-    chunks = ({name: grad_rows(layout, chunk[name], dtype) for name, layout in layouts.items()}
-              for chunk in grads)
-    return StepData(inputs, chunks if stream else list(chunks), scale, num_examples)
+
+    def rows() -> Iterator[GradChunk]:
+        for chunk in grads:
+            yield {name: grad_rows(layout, chunk[name], dtype) for name, layout in layouts.items()}
+            del chunk  # not held while the next chunk's backward pass runs
+
+    return StepData(inputs, rows() if stream else list(rows()), scale, num_examples)
