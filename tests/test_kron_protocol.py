@@ -326,6 +326,120 @@ def test_low_rank_refresh_equals_full_refresh(
     assert_close(one.to_dense(), ggn_blocks(one, *batches[0]), rtol=1e-10, what="one datum")
 
 
+class RowsSpy:
+    """Wraps curvlib.kron.eigen._eigh_rows, counting calls and successful results."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls, self.found = 0, 0
+        self.original = eigen._eigh_rows
+        monkeypatch.setattr(eigen, "_eigh_rows", self)
+
+    def __call__(self, sym: Tensor, rows: Tensor) -> tuple[Tensor, Tensor] | None:
+        self.calls += 1
+        result = self.original(sym, rows)
+        self.found += result is not None
+        return result
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-11), (torch.float32, 1e-5)])
+def test_eigendecomposition_from_rows_reconstructs_factor(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, rtol: float
+) -> None:
+    """F = 0.3 RᵀR of 30 rows in 100 dimensions, decomposed from R: orthonormal column-major
+    eigenvectors, ascending eigenvalues, the full solver's nonzero spectrum."""
+    spy = RowsSpy(monkeypatch)
+    gen = torch.Generator().manual_seed(6)
+    rows = torch.randn(30, 100, dtype=torch.float64, generator=gen) * torch.logspace(0, -2, 100)
+    matrix = (0.3 * rows.T @ rows).to(dtype)
+    values, vectors = eigh_psd(matrix, "a test factor", rank_bound=30, rows=lambda: rows.to(dtype))
+    assert (spy.calls, spy.found) == (1, 1)
+    assert values.dtype == dtype and bool((values >= 0).all())
+    assert bool((values[1:] >= values[:-1]).all())
+    assert vectors.stride(0) == 1  # column-major, like LAPACK's (torch.kron needs one layout)
+    eye = torch.eye(100, dtype=torch.float64)
+    assert_close(vectors.double().T @ vectors.double(), eye, atol=10 * rtol, what="orthonormal")
+    assert_close((vectors * values) @ vectors.T, matrix, rtol=rtol, what="reconstruction")
+    full = torch.linalg.eigh(matrix.double()).eigenvalues
+    assert_close(values[-30:].double(), full[-30:], rtol=rtol, what="nonzero spectrum")
+
+
+def test_rows_of_another_factor_fall_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A factor of two batches is not proportional to the second batch's Gram: the probe rejects
+    the rows and the range-only solver decomposes the factor."""
+    spy, ranges = RowsSpy(monkeypatch), RangeSpy(monkeypatch)
+    gen = torch.Generator().manual_seed(7)
+    first, second = (torch.randn(10, 100, dtype=torch.float64, generator=gen) for _ in range(2))
+    matrix = first.T @ first + second.T @ second
+    values, vectors = eigh_psd(matrix, "a test factor", rank_bound=10, rows=lambda: second)
+    assert (spy.calls, spy.found) == (1, 0)
+    assert ranges.calls == 1  # the bound of 10 rows (false here) then tries the range solver
+    assert_close((vectors * values) @ vectors.T, matrix, rtol=1e-11, what="fallback")
+
+
+def test_eigenbasis_squares_on_the_support_of_the_rows() -> None:
+    """Rows in the span of the trailing eigenvectors of their own Grams: computing the squares
+    on that block alone gives the whole result."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 2, 9, dtype=torch.float64, generator=gen)  # 6 rows in 9 dimensions
+    grads = torch.randn(1, 3, 2, 8, dtype=torch.float64, generator=gen)  # 6 rows in 8
+    basis_in = torch.linalg.eigh(x.reshape(-1, 9).T @ x.reshape(-1, 9)).eigenvectors
+    basis_out = torch.linalg.eigh(grads.reshape(-1, 8).T @ grads.reshape(-1, 8)).eigenvectors
+    inputs = linear_rows(x)
+    expected = eigenbasis_squares(inputs, grads, basis_in, basis_out)
+    got = eigenbasis_squares(inputs, grads, basis_in, basis_out, support=(6, 6))
+    assert_close(got, expected, rtol=1e-10, atol=1e-12, what="support")
+    assert not bool(got[:2].any()) and not bool(got[:, :3].any())
+
+
+def conv_then_linear() -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
+    """Few rows for wide factors: 2 examples of 4×3×3 (18 convolution rows of 37 entries; the
+    linear layer's 2 rows of 73)."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(72, 10)).double()
+    x, y = torch.randn(2, 4, 3, 3, dtype=torch.float64), torch.randint(0, 10, (2,))
+    return model, nn.CrossEntropyLoss(), x, y
+
+
+@pytest.mark.parametrize("weight_sharing,from_rows", [("expand", 3), ("reduce", 4)])
+@pytest.mark.parametrize("method", [EKFAC, TEKFAC])
+def test_refresh_from_kept_rows_equals_full_refresh(
+    monkeypatch: pytest.MonkeyPatch, method: type[KroneckerEstimate], weight_sharing: str,
+    from_rows: int,
+) -> None:
+    """After one statistics step the factors are that step's Grams: decomposing its rows, and
+    refitting the diagonal on their trailing eigenvectors only, gives the estimate of the full
+    solver and the full refit (expand: the convolution's 18 gradient rows of 8 entries are too
+    many; reduce: its rows are the 2 examples).
+
+    Under reduce the convolution's per-example gradients Σ_t g_t ā_tᵀ leave the span of its
+    factors (they hold position means and sums), so its refit diagonal depends on the basis
+    chosen in their null spaces, which no solver fixes: only its factors are compared there."""
+    spy = RowsSpy(monkeypatch)
+    model, loss_fn, x, y = conv_then_linear()
+    kwargs = {"fisher": "mc", "weight_sharing": weight_sharing, "seed": 3}
+    low = fitted(method, model, loss_fn, [(x, y)], **kwargs)
+    low_dense, low_factors = low.to_dense(), low.factors()
+    assert (spy.calls, spy.found) == (from_rows, from_rows)
+    full = fitted(method, model, loss_fn, [(x, y)], **kwargs)
+    full._rank_bounds = None  # as for a state without rank bounds: the full solver
+    if weight_sharing == "expand":
+        assert_close(low_dense, full.to_dense(), rtol=1e-10, what=method.__name__)
+    names = [name.removeprefix("eigvecs_") for name in low_factors["0"] if "eigvecs" in name]
+    for layer, entry in full.factors().items():
+        for name in names:
+            vectors, values = low_factors[layer][f"eigvecs_{name}"], low_factors[layer][
+                f"eigvals_{name}"]
+            assert_close((vectors * values) @ vectors.T, entry[name], rtol=1e-10,
+                         what=f"factor {name} of {layer}")
+        if weight_sharing == "expand" or layer == "3":
+            assert_close(low_factors[layer]["diagonal"], entry["diagonal"], rtol=1e-10,
+                         atol=1e-14 * float(entry["diagonal"].max()), what=f"diagonal of {layer}")
+    low.update(x, y)  # a second step: the factors are no longer one step's Grams
+    low.refresh()
+    assert spy.calls == from_rows
+
+
 def test_rank_deficient_estimate_is_finite_and_solve_needs_damping() -> None:
     model, loss_fn, x, y = make_case("mlp", "cross_entropy", "mean", batch=1)
     for method in METHODS:

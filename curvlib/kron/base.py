@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -402,10 +402,11 @@ class KroneckerEstimate(CurvatureEstimate):
             names = self._factor_names()
             bounds = self._rank_bounds or {}
             rank_in, rank_out = bounds.get(layer, (None, None))
+            rows_in, rows_out = self._factor_rows(layer)
             values_in, basis_in = eigh_psd(fac_in, f"factor {names[0]} of module {layer!r}",
-                                           rank_in)
+                                           rank_in, rows_in)
             values_out, basis_out = eigh_psd(fac_out, f"factor {names[1]} of module {layer!r}",
-                                             rank_out)
+                                             rank_out, rows_out)
             self._bases[layer] = Eigenbasis(basis_in, values_in, basis_out, values_out, divisor)
         self._refreshed_version = self._version
         if self.refits_diagonal:
@@ -512,13 +513,57 @@ class KroneckerEstimate(CurvatureEstimate):
             if self._bases:
                 self._fold_diagonal(step)
 
-    def _fold_diagonal(self, step: StepData) -> None:
+    def _holds_kept_step_alone(self, layer: str) -> bool:
+        """Whether the layer's factors were summed from the kept step alone: they have as many
+        rows as it has (e.g. right after the first statistics step). Never under a process
+        group: the factors hold every rank's shard, the kept step this rank's."""
+        if self._last is None or self._rank_bounds is None or self.process_group is not None:
+            return False
+        rows = InputRows(self._last.inputs[layer], self.weight_sharing == "reduce").num_rows
+        vectors = sum(chunk[layer].shape[0] for chunk in self._last.grads)
+        return self._rank_bounds[layer] == (rows, vectors * rows)
+
+    def _kept_step_support(self) -> dict[str, tuple[int, int]]:
+        """Per layer whose factors hold the kept step alone, the number of trailing eigenvectors
+        (input, output) that span that step's rows (:func:`~curvlib.kron.eigen.eigenbasis_squares`,
+        ``support``); not under reduce with shared positions, whose factors see position means."""
+        if self._last is None or self._rank_bounds is None:
+            return {}
+        bounds = self._rank_bounds
+        return {layer: bounds[layer] for layer, inputs in self._last.inputs.items()
+                if self._holds_kept_step_alone(layer)
+                and (self.weight_sharing == "expand" or inputs.shape[1] == 1)}
+
+    def _factor_rows(self, layer: str) -> tuple[Callable[[], Tensor] | None,
+                                                Callable[[], Tensor] | None]:
+        """Functions that form the rows a layer's (input, output) factors are the Grams of, when
+        the factors hold the kept step alone (its rows are as many as the rank bounds count):
+        :func:`~curvlib.kron.eigen.eigh_psd` decomposes those rows instead of the factors."""
+        step = self._last
+        if step is None or not self._holds_kept_step_alone(layer):
+            return None, None
+        inputs = InputRows(step.inputs[layer], self.weight_sharing == "reduce")
+        chunks = [chunk[layer] for chunk in step.grads]  # a kept step's grads are a list
+        stats = self._stats[layer]
+
+        def grads() -> Tensor:
+            return self._grad_rows(chunks[0] if len(chunks) == 1 else torch.cat(chunks))
+
+        return (lambda: stats.input_factor_rows(inputs, grads()),
+                lambda: stats.output_factor_rows(inputs, grads()))
+
+    def _fold_diagonal(self, step: StepData,
+                       support: dict[str, tuple[int, int]] | None = None) -> None:
+        """Add a step's squares in the current bases to the diagonals; ``support``: per layer,
+        the trailing eigenvectors that span the step's rows (see :meth:`_kept_step_support`)."""
         weight = self._weights.weight(step.num_examples)
         squares: dict[str, Tensor] = {}
+        support = support or {}
         for chunk in step.grads:
             for layer, inputs in step.inputs.items():
                 basis_in, basis_out = self._padded_bases(layer)
-                part = eigenbasis_squares(inputs, chunk[layer], basis_in, basis_out)
+                part = eigenbasis_squares(inputs, chunk[layer], basis_in, basis_out,
+                                          support=support.get(layer))
                 squares[layer] = squares[layer].add_(part) if layer in squares else part
         for numerator in squares.values():
             numerator.mul_(weight * step.scale)
@@ -581,13 +626,13 @@ class KroneckerEstimate(CurvatureEstimate):
         if self._replay and self._fingerprint() == self._replay_fingerprint:
             for entry in self._replay:
                 if entry.step == self._last_step and self._last is not None:
-                    step = self._last
+                    self._fold_diagonal(self._last, self._kept_step_support())
                 else:
                     with torch.enable_grad():
-                        step = self._forward_step(entry.inputs, entry.targets, entry.seed)
-                self._fold_diagonal(step)
+                        self._fold_diagonal(self._forward_step(entry.inputs, entry.targets,
+                                                               entry.seed))
         elif self._last is not None:
-            self._fold_diagonal(self._last)
+            self._fold_diagonal(self._last, self._kept_step_support())
 
     # ------------------------------------------------------------------ internals: reads
     def _ensure_current(self) -> None:

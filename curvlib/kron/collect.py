@@ -219,6 +219,14 @@ class InputRows:
             else:
                 yield start * t, rows.reshape(-1, d)
 
+    def matrix(self) -> Tensor:
+        """All rows in one tensor, [M, d_in']."""
+        out = torch.empty(self.num_rows, self.inputs.shape[2], dtype=self.inputs.dtype,
+                          device=self.inputs.device)
+        for start, rows in self.chunks():
+            out[start : start + rows.shape[0]] = rows
+        return out
+
     def squared_norms(self) -> Tensor:
         """‖ā_m‖² of every row, [M]."""
         if not self.reduce:

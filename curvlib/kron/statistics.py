@@ -330,6 +330,16 @@ class FactorStatistics(ABC):
         :meth:`output_terms` of all its K vectors and the batch's c and N; :meth:`fold` adds
         them (the terms' tensors may become numerators)."""
 
+    @abstractmethod
+    def input_factor_rows(self, inputs: InputRows, grads: Tensor) -> Tensor:
+        """Rows R [M, d_in'] whose Gram RᵀR is proportional to the input factor of one batch
+        (rows and gradient rows as in :meth:`output_terms`, all K vectors)."""
+
+    @abstractmethod
+    def output_factor_rows(self, inputs: InputRows, grads: Tensor) -> Tensor:
+        """Rows R [K·M, d_out] whose Gram RᵀR is proportional to the output factor of one
+        batch."""
+
     def fold(self, batch: dict[str, tuple[Tensor, float]]) -> None:
         """Add a :meth:`batch` to the running statistics; its matrices (unless kept as a first
         numerator) are then overwritten by the next :meth:`batch`."""
@@ -393,6 +403,12 @@ class KFACStatistics(FactorStatistics):
                       float(inputs.num_rows)),
                 "G": (terms["G"].mul_(w * scale), w)}
 
+    def input_factor_rows(self, inputs: InputRows, grads: Tensor) -> Tensor:
+        return inputs.matrix()
+
+    def output_factor_rows(self, inputs: InputRows, grads: Tensor) -> Tensor:
+        return grads.reshape(-1, grads.shape[-1])
+
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         a = self.A.value()
         return a, self.G.value(), torch.ones((), dtype=a.dtype, device=a.device)
@@ -437,6 +453,15 @@ class TKFACStatistics(FactorStatistics):
                 "Phi_raw": (input_gram(inputs, sq_out, mirror=False, out=self._out("Phi_raw"))
                             .mul_(w), count),
                 "Psi_raw": (terms["Psi_raw"].mul_(w), count)}
+
+    def input_factor_rows(self, inputs: InputRows, grads: Tensor) -> Tensor:
+        # Φ_raw ∝ Σ_m (Σ_k ‖g_{m,k}‖²) ā_m ā_mᵀ
+        return inputs.matrix().mul_(output_squared_norms(grads).reshape(-1, 1).sqrt())
+
+    def output_factor_rows(self, inputs: InputRows, grads: Tensor) -> Tensor:
+        # Ψ_raw ∝ Σ_{m,k} ‖ā_m‖² g_{m,k} g_{m,k}ᵀ
+        norms = inputs.squared_norms().sqrt().view(*grads.shape[1:-1], 1)
+        return (grads * norms).reshape(-1, grads.shape[-1])
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.Phi_raw.value(), self.Psi_raw.value(), self.delta.value()
