@@ -529,10 +529,12 @@ class KroneckerEstimate(CurvatureEstimate):
         ``support``); not under reduce with shared positions, whose factors see position means."""
         if self._last is None or self._rank_bounds is None:
             return {}
-        bounds = self._rank_bounds
+        bounds, layouts = self._rank_bounds, self.layouts
         return {layer: bounds[layer] for layer, inputs in self._last.inputs.items()
                 if self._holds_kept_step_alone(layer)
-                and (self.weight_sharing == "expand" or inputs.shape[1] == 1)}
+                and (self.weight_sharing == "expand" or inputs.shape[1] == 1)
+                and (bounds[layer][0] < layouts[layer].d_cols
+                     or bounds[layer][1] < layouts[layer].d_out)}  # else nothing to leave out
 
     def _factor_rows(self, layer: str) -> tuple[Callable[[], Tensor] | None,
                                                 Callable[[], Tensor] | None]:
