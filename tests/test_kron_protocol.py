@@ -257,17 +257,18 @@ def test_eigendecomposition_retries_in_float64(monkeypatch: pytest.MonkeyPatch) 
     assert_close((vectors * values) @ vectors.T, matrix, rtol=1e-5, what="retried")
 
 
-class RangeSpy:
-    """Wraps curvlib.kron.eigen._eigh_range, counting calls and successful results."""
+class SolverSpy:
+    """Wraps one of the optional solvers of curvlib.kron.eigen (``"_eigh_range"``,
+    ``"_eigh_rows"``), counting calls and successful results."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, solver: str) -> None:
         self.calls, self.found = 0, 0
-        self.original = eigen._eigh_range
-        monkeypatch.setattr(eigen, "_eigh_range", self)
+        self.original = getattr(eigen, solver)
+        monkeypatch.setattr(eigen, solver, self)
 
-    def __call__(self, sym: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    def __call__(self, sym: Tensor, arg: int | Tensor) -> tuple[Tensor, Tensor] | None:
         self.calls += 1
-        result = self.original(sym, k)
+        result = self.original(sym, arg)
         self.found += result is not None
         return result
 
@@ -278,7 +279,7 @@ def test_low_rank_eigendecomposition_reconstructs_factor(
 ) -> None:
     """A factor of 12 rows in 100 dimensions, decomposed from its range: F = U diag(s) Uᵀ with U
     orthonormal, s ascending, and the nonzero spectrum of the full solver."""
-    spy = RangeSpy(monkeypatch)
+    spy = SolverSpy(monkeypatch, "_eigh_range")
     gen = torch.Generator().manual_seed(3)
     rows = torch.randn(12, 100, dtype=torch.float64, generator=gen) * torch.logspace(0, -2, 100)
     matrix = (rows.T @ rows).to(dtype)
@@ -294,7 +295,7 @@ def test_low_rank_eigendecomposition_reconstructs_factor(
 
 
 def test_wrong_rank_bound_falls_back_to_the_full_solver(monkeypatch: pytest.MonkeyPatch) -> None:
-    spy = RangeSpy(monkeypatch)
+    spy = SolverSpy(monkeypatch, "_eigh_range")
     gen = torch.Generator().manual_seed(4)
     rows = torch.randn(40, 100, dtype=torch.float64, generator=gen)
     matrix = rows.T @ rows  # rank 40, claimed ≤ 10
@@ -310,7 +311,7 @@ def test_low_rank_refresh_equals_full_refresh(
     """Wide layers and few rows: the range-only decomposition gives the same estimate as the full
     solver (bases may differ inside the null spaces, the matrices may not), and one datum is
     still exact."""
-    spy = RangeSpy(monkeypatch)
+    spy = SolverSpy(monkeypatch, "_eigh_range")
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(60, 8), nn.Tanh(), nn.Linear(8, 3)).double()
     loss_fn = nn.CrossEntropyLoss()
@@ -326,28 +327,13 @@ def test_low_rank_refresh_equals_full_refresh(
     assert_close(one.to_dense(), ggn_blocks(one, *batches[0]), rtol=1e-10, what="one datum")
 
 
-class RowsSpy:
-    """Wraps curvlib.kron.eigen._eigh_rows, counting calls and successful results."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.calls, self.found = 0, 0
-        self.original = eigen._eigh_rows
-        monkeypatch.setattr(eigen, "_eigh_rows", self)
-
-    def __call__(self, sym: Tensor, rows: Tensor) -> tuple[Tensor, Tensor] | None:
-        self.calls += 1
-        result = self.original(sym, rows)
-        self.found += result is not None
-        return result
-
-
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-11), (torch.float32, 1e-5)])
 def test_eigendecomposition_from_rows_reconstructs_factor(
     monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, rtol: float
 ) -> None:
     """F = 0.3 RᵀR of 30 rows in 100 dimensions, decomposed from R: orthonormal column-major
     eigenvectors, ascending eigenvalues, the full solver's nonzero spectrum."""
-    spy = RowsSpy(monkeypatch)
+    spy = SolverSpy(monkeypatch, "_eigh_rows")
     gen = torch.Generator().manual_seed(6)
     rows = torch.randn(30, 100, dtype=torch.float64, generator=gen) * torch.logspace(0, -2, 100)
     matrix = (0.3 * rows.T @ rows).to(dtype)
@@ -366,7 +352,7 @@ def test_eigendecomposition_from_rows_reconstructs_factor(
 def test_rows_of_another_factor_fall_back(monkeypatch: pytest.MonkeyPatch) -> None:
     """A factor of two batches is not proportional to the second batch's Gram: the probe rejects
     the rows and the range-only solver decomposes the factor."""
-    spy, ranges = RowsSpy(monkeypatch), RangeSpy(monkeypatch)
+    spy, ranges = SolverSpy(monkeypatch, "_eigh_rows"), SolverSpy(monkeypatch, "_eigh_range")
     gen = torch.Generator().manual_seed(7)
     first, second = (torch.randn(10, 100, dtype=torch.float64, generator=gen) for _ in range(2))
     matrix = first.T @ first + second.T @ second
@@ -415,7 +401,7 @@ def test_refresh_from_kept_rows_equals_full_refresh(
     Under reduce the convolution's per-example gradients Σ_t g_t ā_tᵀ leave the span of its
     factors (they hold position means and sums), so its refit diagonal depends on the basis
     chosen in their null spaces, which no solver fixes: only its factors are compared there."""
-    spy = RowsSpy(monkeypatch)
+    spy = SolverSpy(monkeypatch, "_eigh_rows")
     model, loss_fn, x, y = conv_then_linear()
     kwargs = {"fisher": "mc", "weight_sharing": weight_sharing, "seed": 3}
     low = fitted(method, model, loss_fn, [(x, y)], **kwargs)
