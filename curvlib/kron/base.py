@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -71,9 +71,9 @@ from curvlib.kron.collect import (
     backprop_vectors,
     step_data,
 )
-from curvlib.kron.eigen import eigenbasis_squares, eigh_psd, pad_columns
+from curvlib.kron.eigen import decomposed_from_rows, eigenbasis_squares, eigh_psd, pad_columns
 from curvlib.kron.layout import LayerLayout
-from curvlib.kron.statistics import CurvatureWeights, FactorStatistics, RunningSum
+from curvlib.kron.statistics import CurvatureWeights, FactorRows, FactorStatistics, RunningSum
 from curvlib.losses import FisherType, LossFunction, check_finite, check_fisher_type
 from curvlib.partition import Partition, Vector
 
@@ -265,6 +265,9 @@ class KroneckerEstimate(CurvatureEstimate):
         self._replay_fingerprint: tuple[tuple[int, int, int], ...] = ()
         self._last: StepData | None = None
         self._last_step = -1
+        # While the factors hold the first statistics step alone: per layer, its recorded inputs
+        # and the rows of its factors where refresh() decomposes those instead (FactorRows).
+        self._sole: dict[str, tuple[LayerInputs, FactorRows]] | None = None
         # Eigenbasis → its bases with zero columns up to a fast width (eigen.pad_columns), made
         # once per refresh instead of once per diagonal fold.
         self._padded: dict[str, tuple[Eigenbasis, Tensor, Tensor]] = {}
@@ -402,11 +405,11 @@ class KroneckerEstimate(CurvatureEstimate):
             names = self._factor_names()
             bounds = self._rank_bounds or {}
             rank_in, rank_out = bounds.get(layer, (None, None))
-            rows_in, rows_out = self._factor_rows(layer)
+            rows = self._factor_rows(layer)
             values_in, basis_in = eigh_psd(fac_in, f"factor {names[0]} of module {layer!r}",
-                                           rank_in, rows_in)
+                                           rank_in, rows.input)
             values_out, basis_out = eigh_psd(fac_out, f"factor {names[1]} of module {layer!r}",
-                                             rank_out, rows_out)
+                                             rank_out, rows.output)
             self._bases[layer] = Eigenbasis(basis_in, values_in, basis_out, values_out, divisor)
         self._refreshed_version = self._version
         if self.refits_diagonal:
@@ -482,12 +485,26 @@ class KroneckerEstimate(CurvatureEstimate):
         inputs = {layer: InputRows(x, reduce) for layer, x in step.inputs.items()}
         terms: dict[str, dict[str, Tensor]] = {}
         grad_rows = dict.fromkeys(self._stats, 0)  # K·M
+        first = (self._rank_bounds is not None and self.process_group is None
+                 and not any(any(b) for b in self._rank_bounds.values()))
+        # The first step's gradient rows, per layer while few enough to decompose (see _sole).
+        few: dict[str, list[Tensor]] = {layer: [] for layer in self._stats} if first else {}
         for chunk in step.grads:
             for layer, stats in self._stats.items():
                 grads = self._grad_rows(chunk[layer])
                 terms[layer] = stats.output_terms(inputs[layer], grads, terms.get(layer))
                 grad_rows[layer] += math.prod(grads.shape[:-1])
+                if layer in few and decomposed_from_rows(grad_rows[layer],
+                                                         self.layouts[layer].d_out):
+                    few[layer].append(grads)
+                else:
+                    few.pop(layer, None)
             del chunk, grads  # a streamed step's next backward pass runs without them
+        sole = None
+        if first:  # before batch(), which may overwrite the terms
+            sole = {layer: (step.inputs[layer], self._first_step_rows(
+                        layer, inputs[layer], terms[layer], few.get(layer)))
+                    for layer in self._stats}
         batches = {layer: stats.batch(inputs[layer], terms[layer], step.scale, step.num_examples)
                    for layer, stats in self._stats.items()}
         rows = {layer: (inputs[layer].num_rows, grad_rows[layer]) for layer in self._stats}
@@ -506,6 +523,7 @@ class KroneckerEstimate(CurvatureEstimate):
                 layer: (r_in + rows[layer][0], r_out + rows[layer][1])
                 for layer, (r_in, r_out) in self._rank_bounds.items()
             }
+        self._sole = sole
         self._version += 1
         if self.refits_diagonal:
             self._last = step
@@ -513,46 +531,38 @@ class KroneckerEstimate(CurvatureEstimate):
             if self._bases:
                 self._fold_diagonal(step)
 
-    def _holds_kept_step_alone(self, layer: str) -> bool:
-        """Whether the layer's factors were summed from the kept step alone: they have as many
-        rows as it has (e.g. right after the first statistics step). Never under a process
-        group: the factors hold every rank's shard, the kept step this rank's."""
-        if self._last is None or self._rank_bounds is None or self.process_group is not None:
-            return False
-        rows = InputRows(self._last.inputs[layer], self.weight_sharing == "reduce").num_rows
-        vectors = sum(chunk[layer].shape[0] for chunk in self._last.grads)
-        return self._rank_bounds[layer] == (rows, vectors * rows)
+    def _first_step_rows(self, layer: str, inputs: InputRows, terms: dict[str, Tensor],
+                         grads: list[Tensor] | None) -> FactorRows:
+        """The rows of the first step's factors of a layer that refresh() would decompose
+        (:func:`~curvlib.kron.eigen.decomposed_from_rows`), from the step's rows, output terms
+        and, if few enough, gradient rows in chunks of the K vectors."""
+        wanted = decomposed_from_rows(inputs.num_rows, self.layouts[layer].d_cols)
+        return self._stats[layer].factor_rows(
+            inputs if wanted else None, terms,
+            None if not grads else grads[0] if len(grads) == 1 else torch.cat(grads))
 
     def _kept_step_support(self) -> dict[str, tuple[int, int]]:
-        """Per layer whose factors hold the kept step alone, the number of trailing eigenvectors
-        (input, output) that span that step's rows (:func:`~curvlib.kron.eigen.eigenbasis_squares`,
-        ``support``); not under reduce with shared positions, whose factors see position means."""
-        if self._last is None or self._rank_bounds is None:
+        """Per layer whose factors hold the kept step alone (the first one), the number of
+        trailing eigenvectors (input, output) that span that step's rows
+        (:func:`~curvlib.kron.eigen.eigenbasis_squares`, ``support``); not under reduce with
+        shared positions, whose factors see position means."""
+        if self._sole is None or self._last is None or self._rank_bounds is None:
             return {}
         bounds, layouts = self._rank_bounds, self.layouts
         return {layer: bounds[layer] for layer, inputs in self._last.inputs.items()
-                if self._holds_kept_step_alone(layer)
-                and (self.weight_sharing == "expand" or inputs.shape[1] == 1)
+                if (self.weight_sharing == "expand" or inputs.shape[1] == 1)
                 and (bounds[layer][0] < layouts[layer].d_cols
                      or bounds[layer][1] < layouts[layer].d_out)}  # else nothing to leave out
 
-    def _factor_rows(self, layer: str) -> tuple[Callable[[], Tensor] | None,
-                                                Callable[[], Tensor] | None]:
-        """Functions that form the rows a layer's (input, output) factors are the Grams of, when
-        the factors hold the kept step alone (its rows are as many as the rank bounds count):
-        :func:`~curvlib.kron.eigen.eigh_psd` decomposes those rows instead of the factors."""
-        step = self._last
-        if step is None or not self._holds_kept_step_alone(layer):
-            return None, None
-        inputs = InputRows(step.inputs[layer], self.weight_sharing == "reduce")
-        chunks = [chunk[layer] for chunk in step.grads]  # a kept step's grads are a list
-        stats = self._stats[layer]
-
-        def grads() -> Tensor:
-            return self._grad_rows(chunks[0] if len(chunks) == 1 else torch.cat(chunks))
-
-        return (lambda: stats.input_factor_rows(inputs, grads()),
-                lambda: stats.output_factor_rows(inputs, grads()))
+    def _factor_rows(self, layer: str) -> FactorRows:
+        """The rows a layer's factors are the Grams of, where kept (the factors hold the first
+        statistics step alone): :func:`~curvlib.kron.eigen.eigh_psd` decomposes those rows
+        instead of the factors. An input changed in place since is not used (K-FAC and TKFAC
+        never needed it again; EKFAC and TEKFAC refuse to refresh from it)."""
+        if self._sole is None:
+            return FactorRows()
+        inputs, rows = self._sole[layer]
+        return rows if inputs.unmodified() else FactorRows(output=rows.output)
 
     def _fold_diagonal(self, step: StepData,
                        support: dict[str, tuple[int, int]] | None = None) -> None:
@@ -848,7 +858,7 @@ class KroneckerEstimate(CurvatureEstimate):
         self._replay = [_Replay(**r) for r in state["replay"]]
         self._replay_fingerprint = self._fingerprint()
         last = state["last"]
-        self._last, self._last_step = None, -1
+        self._last, self._last_step, self._sole = None, -1, None
         if last is not None:
             self._last = StepData(
                 {k: LayerInputs(self.layouts[k], [x.clone() for x in inputs], list(positions),

@@ -140,9 +140,13 @@ class LayerInputs:
         positions = [output_rows(layout.module, call.output.detach()).shape[1] for call in calls]
         return cls(layout, [call.input for call in calls], positions, dtype)
 
+    def unmodified(self) -> bool:
+        """Whether no recorded input was changed in place since it was recorded."""
+        return all(x._version == v for x, v in zip(self.inputs, self._versions))
+
     def check_unmodified(self) -> None:
         """Raise a ValueError naming the layer if a recorded input was changed in place."""
-        if any(x._version != v for x, v in zip(self.inputs, self._versions)):
+        if not self.unmodified():
             raise ValueError(
                 f"The input of module {self.layout.name!r} was modified in place after the "
                 "forward pass that recorded it; its statistics cannot be formed from it."

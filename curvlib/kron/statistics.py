@@ -33,6 +33,9 @@ averaged as *undivided* statistics (pitfall P10) and divided only when read: the
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from itertools import pairwise
 from typing import Any, ClassVar
 
@@ -294,6 +297,17 @@ class CurvatureWeights:
         return float(num_examples) if self.reduction == "mean" else 1.0
 
 
+@dataclass(frozen=True)
+class FactorRows:
+    """Functions that form the rows R of one batch whose Gram RᵀR is proportional to a layer's
+    input factor ([M, d_in']) and output factor ([K·M, d_out]) of that batch alone; None where
+    that side's rows are not kept (:func:`~curvlib.kron.eigen.eigh_psd` decomposes them instead
+    of the factor)."""
+
+    input: Callable[[], Tensor] | None = None
+    output: Callable[[], Tensor] | None = None
+
+
 class FactorStatistics(ABC):
     """The running statistics of one layer, and the two Kronecker factors they define.
 
@@ -331,14 +345,13 @@ class FactorStatistics(ABC):
         them (the terms' tensors may become numerators)."""
 
     @abstractmethod
-    def input_factor_rows(self, inputs: InputRows, grads: Tensor) -> Tensor:
-        """Rows R [M, d_in'] whose Gram RᵀR is proportional to the input factor of one batch
-        (rows and gradient rows as in :meth:`output_terms`, all K vectors)."""
-
-    @abstractmethod
-    def output_factor_rows(self, inputs: InputRows, grads: Tensor) -> Tensor:
-        """Rows R [K·M, d_out] whose Gram RᵀR is proportional to the output factor of one
-        batch."""
+    def factor_rows(
+        self, inputs: InputRows | None, terms: dict[str, Tensor], grads: Tensor | None
+    ) -> FactorRows:
+        """The rows of one batch's factors (:class:`FactorRows`), from its rows ā [M, d_in'],
+        the :meth:`output_terms` of all its K vectors and its gradient rows g [K, *R, d_out]
+        (as in :meth:`output_terms`, all K vectors). ``inputs`` or ``grads`` None: that side's
+        rows are not wanted. Call it before :meth:`batch`, which may overwrite the terms."""
 
     def fold(self, batch: dict[str, tuple[Tensor, float]]) -> None:
         """Add a :meth:`batch` to the running statistics; its matrices (unless kept as a first
@@ -403,11 +416,13 @@ class KFACStatistics(FactorStatistics):
                       float(inputs.num_rows)),
                 "G": (terms["G"].mul_(w * scale), w)}
 
-    def input_factor_rows(self, inputs: InputRows, grads: Tensor) -> Tensor:
-        return inputs.matrix()
-
-    def output_factor_rows(self, inputs: InputRows, grads: Tensor) -> Tensor:
-        return grads.reshape(-1, grads.shape[-1])
+    def factor_rows(
+        self, inputs: InputRows | None, terms: dict[str, Tensor], grads: Tensor | None
+    ) -> FactorRows:
+        return FactorRows(
+            None if inputs is None else inputs.matrix,
+            None if grads is None else lambda: grads.reshape(-1, grads.shape[-1]),
+        )
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         a = self.A.value()
@@ -454,14 +469,22 @@ class TKFACStatistics(FactorStatistics):
                             .mul_(w), count),
                 "Psi_raw": (terms["Psi_raw"].mul_(w), count)}
 
-    def input_factor_rows(self, inputs: InputRows, grads: Tensor) -> Tensor:
-        # Φ_raw ∝ Σ_m (Σ_k ‖g_{m,k}‖²) ā_m ā_mᵀ
-        return inputs.matrix().mul_(output_squared_norms(grads).reshape(-1, 1).sqrt())
+    def factor_rows(
+        self, inputs: InputRows | None, terms: dict[str, Tensor], grads: Tensor | None
+    ) -> FactorRows:
+        # Φ_raw ∝ Σ_m (Σ_k ‖g_{m,k}‖²) ā_m ā_mᵀ and Ψ_raw ∝ Σ_{m,k} ‖ā_m‖² g_{m,k} g_{m,k}ᵀ:
+        # rows scaled by the roots of the other side's squared norms, kept from the terms.
+        sq_in, sq_out = terms["sq_in"], terms["sq_out"]
 
-    def output_factor_rows(self, inputs: InputRows, grads: Tensor) -> Tensor:
-        # Ψ_raw ∝ Σ_{m,k} ‖ā_m‖² g_{m,k} g_{m,k}ᵀ
-        norms = inputs.squared_norms().sqrt().view(*grads.shape[1:-1], 1)
-        return (grads * norms).reshape(-1, grads.shape[-1])
+        def input_rows(inputs: InputRows) -> Tensor:
+            return inputs.matrix().mul_(sq_out.sqrt().unsqueeze(1))
+
+        def output_rows(grads: Tensor) -> Tensor:
+            norms = sq_in.sqrt().view(*grads.shape[1:-1], 1)
+            return (grads * norms).reshape(-1, grads.shape[-1])
+
+        return FactorRows(None if inputs is None else partial(input_rows, inputs),
+                          None if grads is None else partial(output_rows, grads))
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.Phi_raw.value(), self.Psi_raw.value(), self.delta.value()
