@@ -125,12 +125,19 @@ def mirror_lower(matrix: Tensor, width: int = 128) -> Tensor:
 def input_gram(rows: InputRows, weights: Tensor | None = None, mirror: bool = True,
                out: Tensor | None = None) -> Tensor:
     """Σ_m w_m ā_m ā_mᵀ over input rows formed a chunk at a time (:class:`InputRows`), each
-    chunk's :func:`gram` added to the earlier ones'; ``weights`` [M] (w_m = 1 without),
-    ``mirror`` and ``out`` as in :func:`gram`."""
+    chunk's :func:`gram` added to the earlier ones'; ``weights`` [M] (w_m ≥ 0; w_m = 1
+    without), ``mirror`` and ``out`` as in :func:`gram`.
+
+    Weighted rows are scaled by √w_m in the chunk itself (a buffer of :class:`InputRows`,
+    rewritten by the next chunk) and summed as a plain Gram, instead of through the weighted
+    :func:`gram`'s scaled copies.
+    """
+    roots = None if weights is None else weights.sqrt()
     first = True
     for start, chunk in rows.chunks():
-        w = None if weights is None else weights[start : start + chunk.shape[0]]
-        out = gram(chunk, w, mirror=False, out=out, accumulate=not first)
+        if roots is not None:
+            chunk.mul_(roots[start : start + chunk.shape[0], None])
+        out = gram(chunk, mirror=False, out=out, accumulate=not first)
         first = False
     assert out is not None
     return mirror_lower(out) if mirror else out
