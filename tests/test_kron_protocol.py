@@ -426,6 +426,27 @@ def test_refresh_from_kept_rows_equals_full_refresh(
     assert spy.calls == from_rows
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_type2_rows_of_every_backward_pass_decomposed_together(
+    monkeypatch: pytest.MonkeyPatch, method: type[KroneckerEstimate]
+) -> None:
+    """K-FAC and TKFAC type-2 on CPU backpropagate the K = 3 columns one pass at a time
+    (EKFAC and TEKFAC in one chunk): the first layer's 6 gradient rows of 40 entries are kept
+    from all three passes and decomposed as one matrix (with the 6- and 41-wide input factors'
+    rows), giving the full solver's estimate."""
+    spy = SolverSpy(monkeypatch, "_eigh_rows")
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(5, 40), nn.Tanh(), nn.Linear(40, 3)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(2, 5, dtype=torch.float64), torch.randint(0, 3, (2,))
+    low = fitted(method, model, loss_fn, [(x, y)], fisher="type2")
+    low_dense = low.to_dense()
+    assert (spy.calls, spy.found) == (3, 3)
+    full = fitted(method, model, loss_fn, [(x, y)], fisher="type2")
+    full._rank_bounds = None  # as for a state without rank bounds: the full solver
+    assert_close(low_dense, full.to_dense(), rtol=1e-10, what=method.__name__)
+
+
 @pytest.mark.parametrize("method", [KFAC, TKFAC])
 def test_input_changed_in_place_after_the_step_is_not_decomposed(
     monkeypatch: pytest.MonkeyPatch, method: type[KroneckerEstimate]
