@@ -273,6 +273,19 @@ class SolverSpy:
         return result
 
 
+def assert_low_rank_eigendecomposition(values: Tensor, vectors: Tensor, matrix: Tensor,
+                                       rank: int, rtol: float) -> None:
+    """Eigenvalues ≥ 0 in ascending order and the factor's dtype, orthonormal eigenvectors, the
+    factor reconstructed, and the full solver's ``rank`` nonzero eigenvalues."""
+    assert values.dtype == matrix.dtype and bool((values >= 0).all())
+    assert bool((values[1:] >= values[:-1]).all())
+    eye = torch.eye(matrix.shape[0], dtype=torch.float64)
+    assert_close(vectors.double().T @ vectors.double(), eye, atol=10 * rtol, what="orthonormal")
+    assert_close((vectors * values) @ vectors.T, matrix, rtol=rtol, what="reconstruction")
+    full = torch.linalg.eigh(matrix.double()).eigenvalues
+    assert_close(values[-rank:].double(), full[-rank:], rtol=rtol, what="nonzero spectrum")
+
+
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-11), (torch.float32, 1e-5)])
 def test_low_rank_eigendecomposition_reconstructs_factor(
     monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, rtol: float
@@ -285,13 +298,7 @@ def test_low_rank_eigendecomposition_reconstructs_factor(
     matrix = (rows.T @ rows).to(dtype)
     values, vectors = eigh_psd(matrix, "a test factor", rank_bound=12)
     assert (spy.calls, spy.found) == (1, 1)
-    assert values.dtype == dtype and bool((values >= 0).all())
-    assert bool((values[1:] >= values[:-1]).all())
-    eye = torch.eye(100, dtype=torch.float64)
-    assert_close(vectors.double().T @ vectors.double(), eye, atol=10 * rtol, what="orthonormal")
-    assert_close((vectors * values) @ vectors.T, matrix, rtol=rtol, what="reconstruction")
-    full = torch.linalg.eigh(matrix.double()).eigenvalues
-    assert_close(values[-12:].double(), full[-12:], rtol=rtol, what="nonzero spectrum")
+    assert_low_rank_eigendecomposition(values, vectors, matrix, 12, rtol)
 
 
 def test_wrong_rank_bound_falls_back_to_the_full_solver(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -339,14 +346,8 @@ def test_eigendecomposition_from_rows_reconstructs_factor(
     matrix = (0.3 * rows.T @ rows).to(dtype)
     values, vectors = eigh_psd(matrix, "a test factor", rank_bound=30, rows=lambda: rows.to(dtype))
     assert (spy.calls, spy.found) == (1, 1)
-    assert values.dtype == dtype and bool((values >= 0).all())
-    assert bool((values[1:] >= values[:-1]).all())
     assert vectors.stride(0) == 1  # column-major, like LAPACK's (torch.kron needs one layout)
-    eye = torch.eye(100, dtype=torch.float64)
-    assert_close(vectors.double().T @ vectors.double(), eye, atol=10 * rtol, what="orthonormal")
-    assert_close((vectors * values) @ vectors.T, matrix, rtol=rtol, what="reconstruction")
-    full = torch.linalg.eigh(matrix.double()).eigenvalues
-    assert_close(values[-30:].double(), full[-30:], rtol=rtol, what="nonzero spectrum")
+    assert_low_rank_eigendecomposition(values, vectors, matrix, 30, rtol)
 
 
 def test_rows_of_another_factor_fall_back(monkeypatch: pytest.MonkeyPatch) -> None:
