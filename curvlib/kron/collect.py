@@ -247,7 +247,7 @@ class InputRows:
         """‖ā_m‖² of every row, [M]."""
         if not self.reduce:
             return self.inputs.squared_norms().reshape(-1)
-        return torch.cat([rows.square().sum(-1) for _, rows in self.chunks()])
+        return torch.cat([sum_of_squares(rows, -1).view(-1) for _, rows in self.chunks()])
 
 
 def grad_rows(layout: LayerLayout, grads: list[Tensor], dtype: torch.dtype) -> Tensor:

@@ -26,10 +26,9 @@ to the forward's tensors, the gradient rows when at most 0.6 d² entries) — no
 Rayleigh–Ritz product with F is needed: the complete QR of Rᵀ = Q [S; 0] gives
 F = α Q_r (S Sᵀ) Q_rᵀ, and the r × r eigendecomposition S Sᵀ = V Λ Vᵀ gives the basis
 [Q_⊥  Q_r V] with eigenvalues [0, α Λ] (the SVD route of single-batch EKFAC implementations,
-here with the null space kept). It costs the
-QR, O(d² r), and pays up to r ≈ 0.6 d (1 thread, d = 785, r = 256: 19 ms against 28 ms from the
-range and 45 ms from the full solver). A probe F ω = α Rᵀ R ω certifies that the rows are the
-factor's; α = tr F / ‖R‖²_F.
+here with the null space kept). It costs the QR, O(d² r), and pays up to r ≈ 0.6 d (1 thread,
+d = 785, r = 256: 19 ms against 28 ms from the range and 45 ms from the full solver). A probe
+F ω = α Rᵀ R ω certifies that the rows are the factor's; α = tr F / ‖R‖²_F.
 
 **Diagonal in an eigenbasis** (EKFAC, George et al. 2018, arXiv 1806.03884; TEKFAC, Gao et al.,
 arXiv 2011.13609). For orthogonal bases U_in (d_in' × d_in') and U_out (d_out × d_out) of a layer,
