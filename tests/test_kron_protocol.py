@@ -200,6 +200,37 @@ def test_kept_step_holds_layer_inputs_and_its_saved_state_copies_them(
     assert_close(restored.to_dense(), before, rtol=1e-12, what="curvature from the saved step")
 
 
+@pytest.mark.parametrize("method", [EKFAC, TEKFAC])
+def test_kept_step_is_released_before_the_next_forward_and_recomputed_if_that_step_fails(
+    method: type[KroneckerEstimate],
+) -> None:
+    """The step kept for the refit (its inputs and gradients) is freed before the next step's
+    forward, so two steps are never held at once; when that step then fails, refresh() refits
+    from the recomputed step and equals an estimate that never saw the failed one."""
+    model, loss_fn, x, y = make_case("mlp", "cross_entropy", "sum", batch=6)
+    estimate = method(model, loss_fn, fisher="type2", seed=3)
+    estimate.update(x[:3], y[:3])
+    kept = [weakref.ref(g) for chunk in estimate._last.grads for g in chunk.values()]
+    alive_in_forward: list[int] = []
+
+    def count(*_: object) -> None:
+        alive_in_forward.append(sum(ref() is not None for ref in kept))
+
+    handle = model.register_forward_pre_hook(count)
+    bad = x[3:].clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        estimate.update(bad, y[3:])
+    handle.remove()
+    assert kept and alive_in_forward == [0]
+    assert estimate._last is None
+    estimate.refresh()
+    reference = fitted(method, model, loss_fn, [(x[:3], y[:3])], fisher="type2", seed=3)
+    reference.refresh()
+    assert_close(estimate.to_dense(), reference.to_dense(), rtol=1e-12,
+                 what="refit from the recomputed step")
+
+
 @pytest.mark.parametrize("method", [KFAC, TKFAC])
 def test_type2_columns_are_released_before_the_next_backward_pass(
     method: type[KroneckerEstimate], monkeypatch: pytest.MonkeyPatch

@@ -304,6 +304,7 @@ class KroneckerEstimate(CurvatureEstimate):
         refit their diagonal at the next refresh, as long as the parameters do not change.
         """
         self.flush()
+        self._drop_kept_step()
         seed = self._next_seed()
         with torch.enable_grad():
             step = self._forward_step(inputs, targets, seed)
@@ -326,6 +327,7 @@ class KroneckerEstimate(CurvatureEstimate):
         """
         self.flush()
         self._check_model()
+        self._drop_kept_step()
         outputs: list[Any] = []
 
         def catch(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -417,6 +419,14 @@ class KroneckerEstimate(CurvatureEstimate):
             self._refit_diagonal()
 
     # ------------------------------------------------------------------ internals: steps
+    def _drop_kept_step(self) -> None:
+        """Release the kept step (the refit's ``_last``, the first step's rows in ``_sole``)
+        before the next step's forward, so that two steps' activations and gradients are never
+        held at once. Both are caches: should the new step fail, the refit recomputes the step
+        from its replay entry and refresh() decomposes the factors themselves."""
+        self._last = None
+        self._sole = None
+
     def _next_seed(self) -> int:
         self._steps += 1
         # Ranks draw independent MC targets for their shards.
