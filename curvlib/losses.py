@@ -64,6 +64,22 @@ def check_fisher_type(fisher: str) -> None:
         raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}.")
 
 
+def categorical_draws(probs: Tensor, samples: int, generator: torch.Generator | None = None
+                      ) -> Tensor:
+    """``samples`` independent draws from each row of probs [T, C] (rows of a distribution),
+    [samples, T], by inverse transform: draw k is the number of cumulative probabilities
+    F_j ≤ u·F_C for a uniform u ∈ [0, 1), so class j comes with probability p_j and a class of
+    zero probability never does. One vectorised comparison instead of ``torch.multinomial``,
+    which samples row by row (per-token outputs, 2048 rows of 10 classes: 0.88 → 0.25 ms).
+    """
+    cumulative = probs.cumsum(-1)
+    uniform = torch.rand(samples, probs.shape[0], 1, generator=generator, dtype=probs.dtype,
+                         device=probs.device)
+    below = cumulative <= uniform * cumulative[:, -1:]
+    # u·F_C rounded up to F_C is the only way to count all C classes: it means the last one.
+    return below.sum(-1).clamp_max_(probs.shape[-1] - 1)
+
+
 class LossFunction:
     """A supported PyTorch loss module with the curvature quantities of :mod:`curvlib.losses`.
 
@@ -214,10 +230,11 @@ class LossFunction:
         m = mc_samples
         if self.kind == "cross_entropy":
             probs = outputs.softmax(dim=1).movedim(1, -1)
-            flat = probs.reshape(-1, probs.shape[-1])
-            draws = torch.multinomial(flat, m, replacement=True, generator=generator)  # [T, M]
-            onehot = F.one_hot(draws.T, flat.shape[-1]).to(outputs.dtype)  # [M, T, C]
-            grads = flat.unsqueeze(0) - onehot
+            flat = probs.reshape(-1, probs.shape[-1])  # [T, C]
+            draws = categorical_draws(flat, m, generator)  # [M, T]
+            grads = flat.expand(m, -1, -1).clone()  # p − onehot(ŷ), [M, T, C]
+            grads.scatter_add_(-1, draws.unsqueeze(-1),
+                               torch.full_like(grads[..., :1], -1.0))
             grads = grads.reshape(m, *probs.shape).movedim(-1, 2)
             grads = self._masked(grads, outputs, targets)
         elif self.kind == "mse":
@@ -233,7 +250,7 @@ class LossFunction:
                 generator=generator,
             )
             grads = sig.unsqueeze(0) - (uniform < sig.unsqueeze(0)).to(outputs.dtype)
-        return grads / math.sqrt(m)
+        return grads if m == 1 else grads.div_(math.sqrt(m))
 
     def gradients(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """[1, *outputs.shape]: ∇_f Σ ℓ(f, y) with the true targets (empirical Fisher)."""

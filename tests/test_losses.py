@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvlib.losses import LossFunction, all_finite
+from curvlib.losses import LossFunction, all_finite, categorical_draws
 from curvlib.testing import assert_close
 
 # (loss, outputs shape, targets maker)
@@ -97,3 +97,19 @@ def test_ignore_index_changes_the_count_and_zeros_the_terms() -> None:
 )
 def test_all_finite(values: list[float], finite: bool) -> None:
     assert all_finite(torch.tensor(values, dtype=torch.float32)) is finite
+
+
+def test_categorical_draws_follow_the_probabilities() -> None:
+    """Each class is drawn with its probability (here within 4 standard errors over 200,000
+    draws per row), a class of zero probability never, whatever the row's scale."""
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3],
+                          [0.9, 0.0, 0.0, 0.0, 0.1],
+                          [0.0, 0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    n = 200_000
+    draws = categorical_draws(probs, n, torch.Generator().manual_seed(0))
+    assert draws.shape == (n, 3)
+    counts = torch.stack([torch.bincount(row, minlength=5) for row in draws.T]).double()
+    frequencies = counts / n
+    assert torch.equal(counts[probs == 0], torch.zeros_like(counts[probs == 0]))
+    standard_error = (probs * (1 - probs) / n).sqrt()
+    assert bool(((frequencies - probs).abs() <= 4 * standard_error + 1e-12).all())
