@@ -70,7 +70,8 @@ def categorical_draws(probs: Tensor, samples: int, generator: torch.Generator | 
     [samples, T], by inverse transform: draw k is the number of cumulative probabilities
     F_j ≤ u·F_C for a uniform u ∈ [0, 1), so class j comes with probability p_j and a class of
     zero probability never does. One vectorised comparison instead of ``torch.multinomial``,
-    which samples row by row (per-token outputs, 2048 rows of 10 classes: 0.88 → 0.25 ms).
+    which samples row by row (per-token outputs, 2048 rows of 10 classes: the whole sampling
+    0.99 → 0.22 ms, 1 thread).
     """
     cumulative = probs.cumsum(-1)
     uniform = torch.rand(samples, probs.shape[0], 1, generator=generator, dtype=probs.dtype,
