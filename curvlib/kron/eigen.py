@@ -253,7 +253,6 @@ def eigenbasis_squares(
     chunk = max(1, min(n, max_elements // max(per_example, 1)))
     # One workspace per product, reused by every chunk: a fresh buffer per chunk costs page
     # faults on CPU comparable to the product itself.
-    formed = inputs.empty(chunk)
     rotated_in = grads.new_empty(chunk, t, w_in) if rows_in else None
     # An example's K gradients enter one product as a [K·d_out, T] left factor. Gradients stored
     # with d_out innermost (linear layers) and K > 1 are packed [m, T, K, d_out] so that it is a
@@ -261,11 +260,9 @@ def eigenbasis_squares(
     packed = route == "per_example" and k > 1 and grads.stride(-1) == 1
     rotated_out = None if not rows_out else (
         grads.new_empty(chunk * t * k, w_out) if packed else grads.new_empty(k, chunk, t, w_out))
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        m = stop - start
-        a = inputs.rows(start, stop, out=formed[:m])  # ā [m, T, d_in']
-        g = grads[:, start:stop]  # g [K, m, T, d_out]
+    for start, a in inputs.chunks(chunk * t * d_in):  # ā [m, T, d_in'], one reused buffer
+        m = a.shape[0]
+        g = grads[:, start : start + m]  # g [K, m, T, d_out]
         if rotated_in is not None:
             a = torch.matmul(a, basis_in, out=rotated_in[:m])
         if packed:
