@@ -231,6 +231,28 @@ def test_kept_step_is_released_before_the_next_forward_and_recomputed_if_that_st
                  what="refit from the recomputed step")
 
 
+@pytest.mark.parametrize("method", [EKFAC, TEKFAC])
+def test_refit_pads_the_bases_without_a_second_copy(method: type[KroneckerEstimate]) -> None:
+    """The diagonal's products use the bases padded with zero columns; the bases then live in
+    those padded tensors (views of their leading columns), not beside them."""
+    model, loss_fn, x, y = make_case("cnn", "cross_entropy", "mean", batch=3)
+    estimate = fitted(method, model, loss_fn, [(x, y)], fisher="mc")
+    before = estimate.factors()
+    estimate.update(x, y)  # folds the step into the diagonal in the current bases
+    name_in, name_out = estimate._factor_names()
+    padded_any = False
+    for layer, basis in estimate._bases.items():
+        padded_in, padded_out = estimate._padded_bases(layer)
+        for vectors, padded, name in ((basis.basis_in, padded_in, name_in),
+                                      (basis.basis_out, padded_out, name_out)):
+            padded_any |= padded.shape[1] > vectors.shape[1]
+            assert vectors.untyped_storage().data_ptr() == padded.untyped_storage().data_ptr()
+            assert torch.equal(padded[:, : vectors.shape[1]], vectors)
+            assert not padded[:, vectors.shape[1]:].any()
+            assert torch.equal(vectors, before[layer][f"eigvecs_{name}"])
+    assert padded_any
+
+
 @pytest.mark.parametrize("method", [KFAC, TKFAC])
 def test_type2_columns_are_released_before_the_next_backward_pass(
     method: type[KroneckerEstimate], monkeypatch: pytest.MonkeyPatch

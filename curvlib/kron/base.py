@@ -598,11 +598,19 @@ class KroneckerEstimate(CurvatureEstimate):
             self._diagonals[layer].add(numerator, weight)
 
     def _padded_bases(self, layer: str) -> tuple[Tensor, Tensor]:
-        """The layer's current bases with zero columns up to a fast width, made once per basis."""
+        """The layer's current bases with zero columns up to a fast width, made once per basis.
+
+        The basis then holds views of its padded copies (the leading columns, laid out as
+        before: LAPACK's column-major columns stay contiguous), so that one copy is kept —
+        W2's bases are 18 MiB.
+        """
         basis = self._bases[layer]
         cached = self._padded.get(layer)
         if cached is None or cached[0] is not basis:
-            cached = (basis, pad_columns(basis.basis_in), pad_columns(basis.basis_out))
+            padded_in, padded_out = pad_columns(basis.basis_in), pad_columns(basis.basis_out)
+            basis.basis_in = padded_in[:, : basis.basis_in.shape[1]]
+            basis.basis_out = padded_out[:, : basis.basis_out.shape[1]]
+            cached = (basis, padded_in, padded_out)
             self._padded[layer] = cached
         return cached[1], cached[2]
 
