@@ -101,6 +101,25 @@ def test_batched_and_looped_backprop_agree() -> None:
             assert_close(chunk[name][0], batched[name][0][i : i + 1], what=f"{name}, chunk {i}")
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_graph_is_freed_by_the_last_pass_unless_kept(batched: bool) -> None:
+    """keep_graph=False: every pass but the last keeps the graph, the last frees it (a backward
+    through it again fails); the default keeps it for the training backward."""
+    model, _, x, _ = make_case("cnn", "cross_entropy", "mean", batch=2)
+    vectors = torch.randn(3, *model(x).shape, dtype=x.dtype)
+    for keep_graph in (True, False):
+        with LayerCapture(supported_layers(model)) as capture:
+            out = model(x)
+        chunks = list(capture.grad_output_chunks(out, vectors, batched, keep_graph=keep_graph))
+        assert len(chunks) == (1 if batched else 3)
+        if keep_graph:
+            out.sum().backward()
+        else:
+            with pytest.raises(RuntimeError, match="second time"):
+                out.sum().backward()
+    model.zero_grad()
+
+
 def test_in_place_modified_output_is_rejected() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
     with LayerCapture(supported_layers(model)) as capture:

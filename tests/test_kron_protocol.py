@@ -280,6 +280,27 @@ def test_type2_columns_are_released_before_the_next_backward_pass(
     assert alive_during_pass == [0] * classes
 
 
+@pytest.mark.parametrize("method", [KFAC, EKFAC])
+@pytest.mark.parametrize("fisher", ["type2", "mc"])
+def test_update_frees_its_graph_and_record_keeps_it(
+    method: type[KroneckerEstimate], fisher: str
+) -> None:
+    """update()'s own forward is freed by its last backward pass (its saved tensors do not
+    outlive the pass that reads them); under record() the training backward still follows."""
+    model, loss_fn, x, y = make_case("cnn", "cross_entropy", "mean", batch=3)
+    outputs: list[Tensor] = []
+    handle = model.register_forward_hook(lambda module, args, output: outputs.append(output))
+    estimate = method(model, loss_fn, fisher=fisher)
+    estimate.update(x, y)
+    with pytest.raises(RuntimeError, match="second time"):
+        outputs[-1].sum().backward()
+    with estimate.record(y):
+        loss = loss_fn(model(x), y)
+    loss.backward()
+    handle.remove()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 # ---------------------------------------------------------------------------- numerics
 def test_float32_model_matches_float64() -> None:
     model, loss_fn, x, y = make_case("cnn", "cross_entropy", "mean", batch=4)

@@ -460,11 +460,14 @@ class KroneckerEstimate(CurvatureEstimate):
         with LayerCapture(self.modules) as capture:
             outputs = self.model(*as_args(inputs))
         outputs = self._check_outputs(outputs, targets)
-        return self._backward_step(capture, outputs, targets, seed)
+        return self._backward_step(capture, outputs, targets, seed, keep_graph=False)
 
     def _backward_step(
-        self, capture: LayerCapture, outputs: Tensor, targets: Any, seed: int
+        self, capture: LayerCapture, outputs: Tensor, targets: Any, seed: int,
+        keep_graph: bool = True,
     ) -> StepData:
+        """The step's gradients backpropagated from ``outputs``; ``keep_graph``: the graph
+        outlives them (record(): the training backward follows)."""
         generator = torch.Generator(device=outputs.device)
         generator.manual_seed(seed)
         vectors = backprop_vectors(
@@ -474,10 +477,11 @@ class KroneckerEstimate(CurvatureEstimate):
         c = self.loss.reduction_factor(outputs.detach(), targets)
         if self.refits_diagonal:
             # The step is kept for the diagonal refit, all K vectors' gradients in one chunk.
-            grads: Iterable[dict[str, list[Tensor]]] = [capture.grad_outputs(outputs, vectors)]
+            grads: Iterable[dict[str, list[Tensor]]] = [
+                capture.grad_outputs(outputs, vectors, keep_graph=keep_graph)]
         else:
             # Folded one backward pass at a time: one vector's gradients in memory, not K.
-            grads = capture.grad_output_chunks(outputs, vectors)
+            grads = capture.grad_output_chunks(outputs, vectors, keep_graph=keep_graph)
         return step_data(self.layouts, capture.calls, grads, c, outputs.shape[0], self.dtype,
                          stream=not self.refits_diagonal)
 
