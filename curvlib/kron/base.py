@@ -300,8 +300,10 @@ class KroneckerEstimate(CurvatureEstimate):
     def update(self, inputs: Any, targets: Any) -> None:
         """Accumulate the statistics of one batch (one hooked forward and the needed backward).
 
-        ``.grad`` of the parameters is not touched. EKFAC/TEKFAC keep the batch (detached) to
-        refit their diagonal at the next refresh, as long as the parameters do not change.
+        ``.grad`` of the parameters is not touched, and the forward's graph is freed by that
+        backward (use :meth:`record` to backpropagate a training loss through the same
+        forward). EKFAC/TEKFAC keep the batch (detached) to refit their diagonal at the next
+        refresh, as long as the parameters do not change.
         """
         self.flush()
         self._drop_kept_step()
