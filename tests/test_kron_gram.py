@@ -4,6 +4,8 @@ products."""
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 from torch import nn
@@ -17,6 +19,7 @@ from curvlib.kron.statistics import (
     KFACStatistics,
     RunningSum,
     TKFACStatistics,
+    _block_bounds,
     example_blocks,
     gram,
     input_gram,
@@ -44,10 +47,18 @@ def test_gram_equals_the_full_product(
     assert_close(got, expected, rtol=1e-12, what="gram")
     lower = gram(rows, weights, width=width, chunk=chunk, mirror=False)
     assert_close(lower.tril(), expected.tril(), rtol=1e-12, what="lower storage")
+    upper = torch.zeros(d, d, dtype=torch.bool)  # above every diagonal block
+    for lo, hi in pairwise(_block_bounds(d, width)):
+        upper[lo:hi, hi:] = True
     for mirror, result in ((True, got), (False, lower)):  # written over whatever out held
         out = torch.full((d, d), float("nan"), dtype=torch.float64)
         assert gram(rows, weights, width=width, chunk=chunk, mirror=mirror, out=out) is out
-        assert torch.equal(out, result)
+        if mirror or weights is not None:
+            assert torch.equal(out, result)
+        else:  # lower storage written over a previous one: the blocks above are left alone
+            assert torch.equal(out[~upper], result[~upper])
+            assert out[upper].isnan().all()
+            out[upper] = 0.0
         # accumulate: the rows' result added to an earlier one of other rows
         more = torch.randn(m + 3, d, dtype=torch.float64, generator=gen)
         more_weights = None if weights is None else torch.rand(m + 3, dtype=torch.float64,
@@ -79,6 +90,9 @@ def test_running_sum_of_lower_storage_reads_the_symmetric_matrix(
         full.add(rows.T @ rows, 9.0)
     assert_close(lower.value(), full.value(), rtol=1e-12, what="read")
     assert torch.equal(lower.value(), lower.value().T)
+    saved = lower.state_dict()["numerator"]
+    assert_close(saved, full.state_dict()["numerator"], rtol=1e-12, what="state dict")
+    assert torch.equal(saved, saved.T)
 
 
 @pytest.mark.parametrize("width", [1, 2, 3, 128])

@@ -62,9 +62,11 @@ def gram(
     in one reused buffer and the products accumulate over those row chunks, so no temporary of the
     rows' size is allocated (for TKFAC's type-2 gradients that would be K·M·d_out entries).
 
-    ``mirror=False`` leaves the blocks above the diagonal blocks at zero: the *lower storage* the
-    running statistics accumulate (:class:`RunningSum` with ``symmetric=True`` mirrors once, when
-    read), which saves the strided mirror copy on every statistics step.
+    ``mirror=False`` writes only the blocks on and below the diagonal blocks — zero above them in
+    a new result, left as they were in ``out`` —: the *lower storage* the running statistics
+    accumulate (:class:`RunningSum` with ``symmetric=True`` mirrors once, when read), which saves
+    the strided mirror copy on every statistics step, and, as a batch's numerator is written over
+    the previous one's, zeroing the upper blocks too.
 
     ``out``: a d × d tensor to write the result into (whatever it held), instead of a new one;
     with ``accumulate``, one that holds an earlier result of the same ``width`` and ``mirror`` to
@@ -77,9 +79,6 @@ def gram(
     if weights is None:
         if out is None:
             out = rows.new_empty(d, d) if mirror else rows.new_zeros(d, d)
-        elif not (mirror or accumulate):
-            for lo, hi in pairwise(bounds):
-                out[lo:hi, hi:].zero_()
         for lo, hi in pairwise(bounds):
             if accumulate:
                 out[lo:hi, :hi].addmm_(rows[:, lo:hi].T, rows[:, :hi])
@@ -237,8 +236,8 @@ class RunningSum:
         ema_decay: None for exact sums, else β ∈ [0, 1).
         total: read the numerator itself instead of numerator / count (sum reduction, exact).
         symmetric: the numerators are symmetric matrices in lower storage (``gram(...,
-            mirror=False)``: only entries on or below the diagonal are meaningful); the value
-            read is the full symmetric matrix.
+            mirror=False)``: only entries on or below the diagonal are meaningful, the others are
+            finite leftovers); the value read and the state dict hold the full symmetric matrix.
     """
 
     def __init__(self, ema_decay: float | None, total: bool = False,
@@ -281,6 +280,8 @@ class RunningSum:
 
     def state_dict(self) -> dict[str, Any]:
         numerator = None if self.numerator is None else self.numerator.clone()
+        if numerator is not None and self.symmetric:
+            mirror_lower(numerator)
         return {"numerator": numerator, "count": self.count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
