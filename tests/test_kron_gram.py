@@ -202,6 +202,7 @@ ROW_LAYERS = [
     (nn.Conv2d(3, 4, kernel_size=(2, 3), padding="same", dilation=2, bias=False), (3, 6, 7)),
     (nn.Conv1d(2, 3, kernel_size=3, stride=2), (2, 9)),
     (nn.Linear(5, 3), (4, 5)),
+    (nn.Linear(5, 3, bias=False), (5,)),
 ]
 
 
@@ -235,6 +236,17 @@ def test_layer_inputs_form_the_rows_in_chunks(layer: nn.Module, shape: tuple, ca
         weights = torch.rand(rows.shape[0], dtype=torch.float64)
         assert_close(input_gram(flavour, weights), rows.T @ (weights[:, None] * rows),
                      rtol=1e-12, what=f"weighted gram, reduce={reduce}")
+        lower = input_gram(flavour, mirror=False, out=torch.ones(d, d, dtype=torch.float64))
+        assert_close(lower.tril(), (rows.T @ rows).tril(), rtol=1e-12,
+                     what=f"gram, reduce={reduce}")
+    # One call of a linear layer: its Gram reads the recorded input, not a copy beside ones.
+    features = inputs.features()
+    if calls == 1 and isinstance(layer, nn.Linear):
+        assert features is not None and features.data_ptr() == xs[0].data_ptr()
+        assert torch.equal(features, expected[..., : layout.d_in])
+        assert (InputRows(inputs, True).features() is None) == (t > 1)  # reduce: means
+    else:
+        assert features is None
 
 
 def test_layer_inputs_refuse_an_input_changed_in_place() -> None:

@@ -33,10 +33,11 @@ def recorded(estimate: KroneckerEstimate, x: Tensor, y: Tensor) -> list[Tensor]:
     return [p.grad.clone() for p in model.parameters()]
 
 
-def linear_rows(x: Tensor) -> LayerInputs:
-    """x [N, T, d] as the input rows of a bias-free linear layer (the rows are x itself)."""
-    layer = nn.Linear(x.shape[-1], 2, bias=False)
-    return LayerInputs(LayerLayout("layer", layer, [layer.weight]), [x], [x.shape[1]], x.dtype)
+def linear_rows(x: Tensor, bias: bool = False) -> LayerInputs:
+    """x [N, T, d] as the input rows of a linear layer: x itself, or [x, 1] with a bias."""
+    layer = nn.Linear(x.shape[-1], 2, bias=bias)
+    params = [layer.weight] + ([layer.bias] if bias else [])
+    return LayerInputs(LayerLayout("layer", layer, params), [x], [x.shape[1]], x.dtype)
 
 
 def plain_gradient(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
@@ -557,23 +558,28 @@ def test_rank_deficient_estimate_is_finite_and_solve_needs_damping() -> None:
     [(1, "auto"), (1, "outer"), (1, "per_example"), (1, "gram"), (3, "auto"), (3, "gram"),
      (3, "per_example"), (8, "auto"), (8, "gram"), (8, "per_example")],
 )
-def test_eigenbasis_squares_routes_agree(t: int, route: SquaresRoute) -> None:
+@pytest.mark.parametrize("bias", [False, True])
+def test_eigenbasis_squares_routes_agree(t: int, route: SquaresRoute, bias: bool) -> None:
     """The one-matmul, per-example (rows rotated at T = 1, 3; formed gradients rotated on both
     sides at T = 8 > K·d_out, d_in') and Gram routes all equal
-    Σ_{n,k} (U_outᵀ U_{n,k} U_in)^{∘2}."""
+    Σ_{n,k} (U_outᵀ U_{n,k} U_in)^{∘2}, with or without the homogeneous coordinate (which the
+    rotated routes add as the basis' last row)."""
     gen = torch.Generator().manual_seed(t)
     x = torch.randn(5, t, 4, dtype=torch.float64, generator=gen)
-    inputs = linear_rows(x)
+    inputs = linear_rows(x, bias)
+    rows = torch.cat([x, torch.ones(5, t, 1, dtype=torch.float64)], -1) if bias else x
+    d_in = rows.shape[-1]
     grads = torch.randn(3, 5, t, 2, dtype=torch.float64, generator=gen)
-    basis_in = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=gen))[0]
+    basis_in = torch.linalg.qr(torch.randn(d_in, d_in, dtype=torch.float64, generator=gen))[0]
     basis_out = torch.linalg.qr(torch.randn(2, 2, dtype=torch.float64, generator=gen))[0]
-    per_example = torch.einsum("knti,ntj->knij", grads, x)
+    per_example = torch.einsum("knti,ntj->knij", grads, rows)
     expected = (basis_out.T @ per_example @ basis_in).square().sum((0, 1))
     blocks = grads.transpose(-1, -2).contiguous().transpose(-1, -2)  # a convolution's layout
     for layout, g in (("rows", grads), ("blocks", blocks)):
         for max_elements in (1, 1 << 20):  # chunks of one example, and all at once
             got = eigenbasis_squares(inputs, g, basis_in, basis_out, max_elements, route)
-            assert_close(got, expected, rtol=1e-12, what=f"T={t}, {route}, {layout}")
+            assert_close(got, expected, rtol=1e-12,
+                         what=f"T={t}, {route}, {layout}, bias={bias}")
 
 
 @pytest.mark.parametrize("column_major", [False, True])

@@ -185,6 +185,21 @@ class LayerInputs:
             out[..., d:].fill_(1.0)
         return out
 
+    def features(self) -> Tensor | None:
+        """The rows' first d_in columns, [N, T, d_in], where they are the recorded input itself
+        (one call of an ``nn.Linear``, in the statistics' dtype), else None.
+
+        A reader that supplies the homogeneous coordinate itself (a Gram's last row is the
+        column sums; a rotation adds the basis' last row) then reads the forward's tensor instead
+        of a copy of it beside a column of ones: that copy was 2–3% of a K-FAC step on W3.
+        """
+        layout = self.layout
+        if (len(self.inputs) != 1 or not isinstance(layout.module, nn.Linear)
+                or not layout.has_weight or self.inputs[0].dtype != self.dtype):
+            return None
+        self.check_unmodified()
+        return layer_inputs(layout.module, self.inputs[0])
+
     def chunks(self, max_entries: int = 1 << 20) -> Iterator[tuple[int, Tensor]]:
         """(first example, its rows [m, T, d_in']) for consecutive chunks of about
         ``max_entries`` entries, formed one after the other in one buffer."""
@@ -234,6 +249,13 @@ class InputRows:
                 yield start, rows.mean(dim=1)
             else:
                 yield start * t, rows.reshape(-1, d)
+
+    def features(self) -> Tensor | None:
+        """The rows' first d_in columns, [M, d_in], where they are the recorded input itself
+        (:meth:`LayerInputs.features`; under reduce, only with one position), else None."""
+        n, t, _ = self.inputs.shape
+        x = None if self.reduce and t > 1 else self.inputs.features()
+        return None if x is None else x.reshape(n * t, -1)
 
     def matrix(self) -> Tensor:
         """All rows in one tensor, [M, d_in']."""

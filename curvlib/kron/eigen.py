@@ -68,7 +68,7 @@ is zero (W1, first layer: 256 of 785 and 512 columns, a ninth of the products).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -260,11 +260,9 @@ def eigenbasis_squares(
     packed = route == "per_example" and k > 1 and grads.stride(-1) == 1
     rotated_out = None if not rows_out else (
         grads.new_empty(chunk * t * k, w_out) if packed else grads.new_empty(k, chunk, t, w_out))
-    for start, a in inputs.chunks(chunk * t * d_in):  # ā [m, T, d_in'], one reused buffer
+    for start, a in _input_chunks(inputs, chunk, basis_in, rotated_in):
         m = a.shape[0]
         g = grads[:, start : start + m]  # g [K, m, T, d_out]
-        if rotated_in is not None:
-            a = torch.matmul(a, basis_in, out=rotated_in[:m])
         if packed:
             g = g.permute(1, 2, 0, 3).reshape(-1, d_out)  # [m·T·K, d_out]
             if rotated_out is not None:
@@ -285,6 +283,36 @@ def eigenbasis_squares(
             gram_in = a.unsqueeze(2) * a.unsqueeze(1)  # [m, T, T, d_in']
             result += torch.einsum("ntsi,ntsj->ij", gram_out, gram_in)
     return result[:d_out, :d_in]
+
+
+def _input_chunks(inputs: LayerInputs, chunk: int, basis: Tensor, rotated: Tensor | None
+                  ) -> Iterator[tuple[int, Tensor]]:
+    """(first example, ā [m, T, d_in']) for chunks of ``chunk`` examples, or the rows rotated,
+    ā U [m, T, w], into ``rotated`` [chunk, T, w] (reused) where given.
+
+    Rows that are a linear layer's recorded input (:meth:`LayerInputs.features`) are rotated
+    from that input, the homogeneous coordinate's 1 adding the basis' last row, instead of
+    being copied beside a column of ones first.
+    """
+    n, t, d_in = inputs.shape
+    features = None if rotated is None else inputs.features()
+    if features is None:
+        for start, a in inputs.chunks(chunk * t * d_in):  # one reused buffer
+            if rotated is not None:
+                a = torch.matmul(a, basis, out=rotated[: a.shape[0]])
+            yield start, a
+        return
+    assert rotated is not None
+    d = features.shape[-1]
+    for start in range(0, n, chunk):
+        x = features[start : start + chunk].reshape(-1, d)
+        m = x.shape[0] // t
+        out = rotated[:m].view(m * t, -1)
+        if d < d_in:
+            torch.addmm(basis[d], x, basis[:d], out=out)
+        else:
+            torch.mm(x, basis, out=out)
+        yield start, rotated[:m]
 
 
 def pad_columns(basis: Tensor, multiple: int = 16) -> Tensor:

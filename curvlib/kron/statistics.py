@@ -131,6 +131,9 @@ def input_gram(rows: InputRows, weights: Tensor | None = None, mirror: bool = Tr
     rewritten by the next chunk) and summed as a plain Gram, instead of through the weighted
     :func:`gram`'s scaled copies.
     """
+    features = None if weights is not None else rows.features()
+    if features is not None:
+        return _homogeneous_gram(features, rows.inputs.shape[2], mirror, out)
     roots = None if weights is None else weights.sqrt()
     first = True
     for start, chunk in rows.chunks():
@@ -139,6 +142,19 @@ def input_gram(rows: InputRows, weights: Tensor | None = None, mirror: bool = Tr
         out = gram(chunk, mirror=False, out=out, accumulate=not first)
         first = False
     assert out is not None
+    return mirror_lower(out) if mirror else out
+
+
+def _homogeneous_gram(features: Tensor, d_cols: int, mirror: bool, out: Tensor | None
+                      ) -> Tensor:
+    """Σ_m ā_m ā_mᵀ of the rows ā_m = [x_m; 1] (the trailing 1 where d_cols = d + 1) from
+    x [M, d] alone: the Gram of x, with Σ_m x_mᵀ and M as the last row."""
+    m, d = features.shape
+    out = features.new_zeros(d_cols, d_cols) if out is None else out
+    gram(features, mirror=False, out=out[:d, :d])
+    if d_cols > d:
+        torch.sum(features, 0, out=out[d, :d])
+        out[d, d] = m
     return mirror_lower(out) if mirror else out
 
 
