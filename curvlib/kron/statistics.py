@@ -129,12 +129,14 @@ def input_gram(rows: InputRows, weights: Tensor | None = None, mirror: bool = Tr
 
     Weighted rows are scaled by √w_m in the chunk itself (a buffer of :class:`InputRows`,
     rewritten by the next chunk) and summed as a plain Gram, instead of through the weighted
-    :func:`gram`'s scaled copies.
+    :func:`gram`'s scaled copies. Rows that are a linear layer's recorded input
+    (:meth:`InputRows.features`) are not formed: their Gram is that of the input (scaled in one
+    pass where weighted), with the homogeneous coordinate's row added from sums.
     """
-    features = None if weights is not None else rows.features()
-    if features is not None:
-        return _homogeneous_gram(features, rows.inputs.shape[2], mirror, out)
     roots = None if weights is None else weights.sqrt()
+    features = rows.features()
+    if features is not None:
+        return _homogeneous_gram(features, rows.inputs.shape[2], roots, mirror, out)
     first = True
     for start, chunk in rows.chunks():
         if roots is not None:
@@ -145,16 +147,22 @@ def input_gram(rows: InputRows, weights: Tensor | None = None, mirror: bool = Tr
     return mirror_lower(out) if mirror else out
 
 
-def _homogeneous_gram(features: Tensor, d_cols: int, mirror: bool, out: Tensor | None
-                      ) -> Tensor:
-    """Σ_m ā_m ā_mᵀ of the rows ā_m = [x_m; 1] (the trailing 1 where d_cols = d + 1) from
-    x [M, d] alone: the Gram of x, with Σ_m x_mᵀ and M as the last row."""
+def _homogeneous_gram(features: Tensor, d_cols: int, roots: Tensor | None, mirror: bool,
+                      out: Tensor | None) -> Tensor:
+    """Σ_m w_m ā_m ā_mᵀ of the rows ā_m = [x_m; 1] (the trailing 1 where d_cols = d + 1) from
+    x [M, d] alone (``roots``: √w_m, or None for w_m = 1): the Gram of the rows √w_m x_m, with
+    Σ_m w_m x_mᵀ and Σ_m w_m as the last row."""
     m, d = features.shape
     out = features.new_zeros(d_cols, d_cols) if out is None else out
-    gram(features, mirror=False, out=out[:d, :d])
+    scaled = features if roots is None else features * roots[:, None]
+    gram(scaled, mirror=False, out=out[:d, :d])
     if d_cols > d:
-        torch.sum(features, 0, out=out[d, :d])
-        out[d, d] = m
+        if roots is None:
+            torch.sum(features, 0, out=out[d, :d])
+            out[d, d] = m
+        else:
+            torch.mv(scaled.T, roots, out=out[d, :d])
+            out[d, d] = roots.square().sum()
     return mirror_lower(out) if mirror else out
 
 
