@@ -19,9 +19,9 @@ from curvlib.kron.statistics import (
     KFACStatistics,
     RunningSum,
     TKFACStatistics,
-    _block_bounds,
     example_blocks,
     gram,
+    gram_bounds,
     input_gram,
     mirror_lower,
     output_gram,
@@ -34,11 +34,12 @@ from curvlib.testing import assert_close
 @pytest.mark.parametrize("feature_major", [False, True], ids=["row-major", "feature-major"])
 @pytest.mark.parametrize("width,chunk", [(128, 1 << 20), (4, 1 << 20), (3, 7), (5, 1)])
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+@pytest.mark.parametrize("d", [11, 70])
 def test_gram_equals_the_full_product(
-    feature_major: bool, width: int, chunk: int, weighted: bool
+    feature_major: bool, width: int, chunk: int, weighted: bool, d: int
 ) -> None:
-    gen = torch.Generator().manual_seed(width + chunk)
-    m, d = 23, 11
+    gen = torch.Generator().manual_seed(width + chunk + d)
+    m = 23
     rows = torch.randn(d, m, dtype=torch.float64, generator=gen).T if feature_major else (
         torch.randn(m, d, dtype=torch.float64, generator=gen))
     weights = torch.rand(m, dtype=torch.float64, generator=gen) if weighted else None
@@ -48,7 +49,7 @@ def test_gram_equals_the_full_product(
     lower = gram(rows, weights, width=width, chunk=chunk, mirror=False)
     assert_close(lower.tril(), expected.tril(), rtol=1e-12, what="lower storage")
     upper = torch.zeros(d, d, dtype=torch.bool)  # above every diagonal block
-    for lo, hi in pairwise(_block_bounds(d, width)):
+    for lo, hi in pairwise(gram_bounds(d, width)):
         upper[lo:hi, hi:] = True
     for mirror, result in ((True, got), (False, lower)):  # written over whatever out held
         out = torch.full((d, d), float("nan"), dtype=torch.float64)
@@ -70,6 +71,15 @@ def test_gram_equals_the_full_product(
                      what=f"accumulated, mirror={mirror}")
         if not mirror:
             assert not out.triu(width + 1).any()  # lower storage: upper blocks stay zero
+
+
+def test_gram_blocks() -> None:
+    """⌈d / width⌉ nearly equal blocks, at least two from d = 64 (one would be the full
+    product)."""
+    assert gram_bounds(11, 128) == [0, 11]
+    assert gram_bounds(128, 128) == [0, 64, 128]
+    assert gram_bounds(129, 128) == [0, 64, 129]
+    assert gram_bounds(785, 128) == [785 * i // 7 for i in range(8)]
 
 
 @pytest.mark.parametrize("ema_decay", [None, 0.6])
