@@ -191,7 +191,8 @@ class LayerInputs:
 
         A reader that supplies the homogeneous coordinate itself (a Gram's last row is the
         column sums; a rotation adds the basis' last row) then reads the forward's tensor instead
-        of a copy of it beside a column of ones: that copy was 2–3% of a K-FAC step on W3.
+        of a copy of it beside a column of ones, written and read again every step (W1's K-FAC
+        step: 0.4 ms of copies, and a 785-wide Gram instead of the aligned 784-wide one).
         """
         layout = self.layout
         if (len(self.inputs) != 1 or not isinstance(layout.module, nn.Linear)
