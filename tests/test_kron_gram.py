@@ -259,6 +259,30 @@ def test_layer_inputs_form_the_rows_in_chunks(layer: nn.Module, shape: tuple, ca
         assert features is None
 
 
+def test_reduce_rows_are_formed_once_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under reduce, the norms, the (weighted) Gram and the matrix all read the per-example
+    means formed once, not the positions' rows again."""
+    layer = nn.Conv2d(2, 3, kernel_size=3, padding=1).double()
+    layout = LayerLayout("conv", layer, [layer.weight, layer.bias])
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    inputs = LayerInputs.recorded(layout, [LayerCall(x, layer(x), 0)], torch.float64)
+    means = layout.homogeneous(layer_inputs(layer, x)).mean(1)
+    formed = []
+    rows = LayerInputs.rows
+    monkeypatch.setattr(LayerInputs, "rows", lambda self, *a, **k: formed.append(a) or rows(
+        self, *a, **k))
+    flavour = InputRows(inputs, reduce=True)
+    weights = torch.rand(4, dtype=torch.float64)
+    assert_close(flavour.squared_norms(), means.square().sum(-1), rtol=1e-12, what="norms")
+    assert_close(input_gram(flavour, weights), means.T @ (weights[:, None] * means), rtol=1e-12,
+                 what="weighted gram")
+    assert_close(input_gram(flavour), means.T @ means, rtol=1e-12, what="gram")
+    matrix = flavour.matrix()
+    matrix.mul_(2.0)  # a new tensor: the kept means stay
+    assert_close(flavour.matrix(), means, rtol=1e-12, what="matrix")
+    assert len(formed) == 1
+
+
 def test_layer_inputs_refuse_an_input_changed_in_place() -> None:
     layer = nn.Conv2d(2, 3, kernel_size=3)
     x = torch.randn(4, 2, 5, 5)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -230,26 +230,42 @@ class LayerInputs:
 @dataclass
 class InputRows:
     """The rows ā_m [M, d_in'] a layer's statistics read, under a weight-sharing flavour
-    (kfac_family.md §2.3): every (example, position) is a row (expand, M = N·T), or each
-    example's mean over its positions is (reduce, M = N); formed a chunk at a time."""
+    (kfac_family.md §2.3): every (example, position) is a row (expand, M = N·T), formed a chunk
+    at a time, or each example's mean over its positions is (reduce, M = N), formed once."""
 
     inputs: LayerInputs
     reduce: bool
+    _means: Tensor | None = field(default=None, init=False, repr=False)
 
     @property
     def num_rows(self) -> int:
         n, t, _ = self.inputs.shape
         return n if self.reduce else n * t
 
+    def means(self) -> Tensor:
+        """The reduce rows, each example's mean over its positions, [N, d_in'].
+
+        Formed from the positions' rows a chunk of examples at a time on the first call and
+        kept (N rows, not N·T): TKFAC reads them twice a step, for ‖ā‖² and for Φ_raw, and a
+        convolution's unfolded rows are what forming them costs.
+        """
+        if self._means is None:
+            n, _, d = self.inputs.shape
+            means = torch.empty(n, d, dtype=self.inputs.dtype, device=self.inputs.device)
+            for start, rows in self.inputs.chunks():
+                torch.mean(rows, dim=1, out=means[start : start + rows.shape[0]])
+            self._means = means
+        return self._means
+
     def chunks(self, max_entries: int = 1 << 20) -> Iterator[tuple[int, Tensor]]:
         """(first row, rows [m, d_in']) for consecutive chunks of rows (each valid until the
-        next is read)."""
+        next is read; under reduce one chunk, the kept :meth:`means`, not to be written to)."""
+        if self.reduce:
+            yield 0, self.means()
+            return
         t, d = self.inputs.shape[1:]
         for start, rows in self.inputs.chunks(max_entries):
-            if self.reduce:
-                yield start, rows.mean(dim=1)
-            else:
-                yield start * t, rows.reshape(-1, d)
+            yield start * t, rows.reshape(-1, d)
 
     def features(self) -> Tensor | None:
         """The rows' first d_in columns, [M, d_in], where they are the recorded input itself
@@ -259,7 +275,9 @@ class InputRows:
         return None if x is None else x.reshape(n * t, -1)
 
     def matrix(self) -> Tensor:
-        """All rows in one tensor, [M, d_in']."""
+        """All rows in one new tensor, [M, d_in']."""
+        if self.reduce:
+            return self.means().clone()
         out = torch.empty(self.num_rows, self.inputs.shape[2], dtype=self.inputs.dtype,
                           device=self.inputs.device)
         for start, rows in self.chunks():
@@ -270,7 +288,7 @@ class InputRows:
         """‖ā_m‖² of every row, [M]."""
         if not self.reduce:
             return self.inputs.squared_norms().reshape(-1)
-        return torch.cat([sum_of_squares(rows, -1).view(-1) for _, rows in self.chunks()])
+        return sum_of_squares(self.means(), -1).view(-1)
 
 
 def grad_rows(layout: LayerLayout, grads: list[Tensor], dtype: torch.dtype) -> Tensor:

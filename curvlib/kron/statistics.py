@@ -141,12 +141,15 @@ def input_gram(rows: InputRows, weights: Tensor | None = None, mirror: bool = Tr
     rewritten by the next chunk) and summed as a plain Gram, instead of through the weighted
     :func:`gram`'s scaled copies. Rows that are a linear layer's recorded input
     (:meth:`InputRows.features`) are not formed: their Gram is that of the input (scaled in one
-    pass where weighted), with the homogeneous coordinate's row added from sums.
+    pass where weighted), with the homogeneous coordinate's row added from sums. Reduce rows are
+    the kept :meth:`InputRows.means`, read by :func:`gram` as they are.
     """
     roots = None if weights is None else weights.sqrt()
     features = rows.features()
     if features is not None:
         return _homogeneous_gram(features, rows.inputs.shape[2], roots, mirror, out)
+    if rows.reduce:  # the kept means: N rows, not to be scaled in place
+        return gram(rows.means(), weights, mirror=mirror, out=out)
     first = True
     for start, chunk in rows.chunks():
         if roots is not None:
