@@ -4,6 +4,7 @@ Kronecker estimates, in float64 unless a test says otherwise."""
 from __future__ import annotations
 
 import io
+import math
 import weakref
 from collections.abc import Iterator
 
@@ -15,7 +16,13 @@ from curvlib import EKFAC, KFAC, TEKFAC, TKFAC
 from curvlib.capture import LayerCapture
 from curvlib.kron import KroneckerEstimate, eigen
 from curvlib.kron.collect import LayerInputs
-from curvlib.kron.eigen import SquaresRoute, eigenbasis_squares, eigh_psd, pad_columns
+from curvlib.kron.eigen import (
+    SquaresRoute,
+    eigenbasis_squares,
+    eigh_psd,
+    pad_columns,
+    padded_width,
+)
 from curvlib.kron.layout import LayerLayout
 from curvlib.testing import assert_close, dense_ggn
 from tests.cases import make_case
@@ -66,9 +73,10 @@ def test_record_flush_equals_update(method: type[KroneckerEstimate], fisher: str
 
 def test_training_schedule_of_the_diagonal() -> None:
     """EKFAC Algorithm 1 with auto_refresh=False: a refresh fits the diagonal to the latest step
-    in the new basis; later steps add to it in that basis until the next refresh resets it."""
-    model, loss_fn, x, y = make_case("mlp", "cross_entropy", "mean", batch=7)
-    first, second = (x[:3], y[:3]), (x[3:], y[3:])
+    in the new basis; later steps add to it in that basis until the next refresh resets it.
+    (Three steps: the third writes its squares into the buffer the second's left spare.)"""
+    model, loss_fn, x, y = make_case("mlp", "cross_entropy", "mean", batch=9)
+    first, second, third = (x[:3], y[:3]), (x[3:7], y[3:7]), (x[7:], y[7:])
     estimate = EKFAC(model, loss_fn, fisher="type2")
     estimate.auto_refresh = False
 
@@ -82,15 +90,17 @@ def test_training_schedule_of_the_diagonal() -> None:
     f = estimate.factors()["2"]
     q = torch.kron(f["eigvecs_G"], f["eigvecs_A"])
     assert_close(f["diagonal"], fitted_diagonal(q, *first, "2"), rtol=1e-10, what="refit")
-    recorded(estimate, *second)  # no refresh: same basis, the diagonal averages both steps
+    recorded(estimate, *second)  # no refresh: same basis, the diagonal averages the steps
+    recorded(estimate, *third)
     f = estimate.factors()["2"]
     assert_close(torch.kron(f["eigvecs_G"], f["eigvecs_A"]), q, what="basis kept")
-    expected = (3 * fitted_diagonal(q, *first, "2") + 4 * fitted_diagonal(q, *second, "2")) / 7
+    expected = (3 * fitted_diagonal(q, *first, "2") + 4 * fitted_diagonal(q, *second, "2")
+                + 2 * fitted_diagonal(q, *third, "2")) / 9
     assert_close(f["diagonal"], expected, rtol=1e-10, what="online diagonal")
-    estimate.refresh()  # new basis from both steps' factors, diagonal from the latest step
+    estimate.refresh()  # new basis from all steps' factors, diagonal from the latest step
     f = estimate.factors()["2"]
     q = torch.kron(f["eigvecs_G"], f["eigvecs_A"])
-    assert_close(f["diagonal"], fitted_diagonal(q, *second, "2"), rtol=1e-10, what="reset")
+    assert_close(f["diagonal"], fitted_diagonal(q, *third, "2"), rtol=1e-10, what="reset")
 
 
 def test_auto_refresh_follows_the_statistics() -> None:
@@ -577,9 +587,17 @@ def test_eigenbasis_squares_routes_agree(t: int, route: SquaresRoute, bias: bool
     blocks = grads.transpose(-1, -2).contiguous().transpose(-1, -2)  # a convolution's layout
     for layout, g in (("rows", grads), ("blocks", blocks)):
         for max_elements in (1, 1 << 20):  # chunks of one example, and all at once
+            what = f"T={t}, {route}, {layout}, bias={bias}, max_elements={max_elements}"
             got = eigenbasis_squares(inputs, g, basis_in, basis_out, max_elements, route)
-            assert_close(got, expected, rtol=1e-12,
-                         what=f"T={t}, {route}, {layout}, bias={bias}")
+            assert_close(got, expected, rtol=1e-12, what=what)
+            # Into a reused buffer: overwritten whatever it held, then added to; scaled by α.
+            out = torch.full((16, padded_width(d_in)), math.nan, dtype=torch.float64)
+            scaled = eigenbasis_squares(inputs, g[:1], basis_in, basis_out, max_elements, route,
+                                        alpha=0.5, out=out)
+            eigenbasis_squares(inputs, g[1:], basis_in, basis_out, max_elements, route,
+                               alpha=0.5, out=out, accumulate=True)
+            assert scaled.data_ptr() == out.data_ptr() and scaled.shape == expected.shape
+            assert_close(scaled, 0.5 * expected, rtol=1e-12, what=f"{what}, out")
 
 
 @pytest.mark.parametrize("column_major", [False, True])
@@ -596,6 +614,12 @@ def test_eigenbasis_squares_outer_route_needs_one_position() -> None:
     inputs, grads = linear_rows(torch.randn(2, 3, 4)), torch.randn(1, 2, 3, 2)
     with pytest.raises(ValueError, match="T=3"):
         eigenbasis_squares(inputs, grads, torch.eye(4), torch.eye(2), route="outer")
+
+
+def test_eigenbasis_squares_names_a_wrong_buffer() -> None:
+    inputs, grads = linear_rows(torch.randn(2, 1, 4)), torch.randn(1, 2, 1, 2)
+    with pytest.raises(ValueError, match=r"out has shape \(2, 4\).*\(16, 16\)"):
+        eigenbasis_squares(inputs, grads, torch.eye(4), torch.eye(2), out=torch.empty(2, 4))
 
 
 def test_sequence_type2_per_term_splits_terms() -> None:

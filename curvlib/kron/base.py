@@ -271,6 +271,9 @@ class KroneckerEstimate(CurvatureEstimate):
         # Eigenbasis → its bases with zero columns up to a fast width (eigen.pad_columns), made
         # once per refresh instead of once per diagonal fold.
         self._padded: dict[str, tuple[Eigenbasis, Tensor, Tensor]] = {}
+        # Per layer, the padded buffer of a fold's squares that the diagonal did not keep,
+        # reused by the next fold (eigen.eigenbasis_squares, ``out``).
+        self._spare_squares: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ method hooks
     @staticmethod
@@ -586,22 +589,31 @@ class KroneckerEstimate(CurvatureEstimate):
         the trailing eigenvectors that span the step's rows (see :meth:`_kept_step_support`)."""
         weight = self._weights.weight(step.num_examples)
         squares: dict[str, Tensor] = {}
+        buffers: dict[str, Tensor] = {}  # the padded tensors the squares are blocks of
         support = support or {}
         for chunk in step.grads:
             for layer, inputs in step.inputs.items():
                 basis_in, basis_out = self._padded_bases(layer)
-                part = eigenbasis_squares(inputs, chunk[layer], basis_in, basis_out,
-                                          support=support.get(layer))
-                squares[layer] = squares[layer].add_(part) if layer in squares else part
-        for numerator in squares.values():
-            numerator.mul_(weight * step.scale)
+                accumulate = layer in buffers
+                if not accumulate:
+                    shape = (basis_out.shape[1], basis_in.shape[1])
+                    spare = self._spare_squares.pop(layer, None)
+                    buffers[layer] = (spare if spare is not None and spare.shape == shape
+                                      else basis_in.new_empty(shape))
+                squares[layer] = eigenbasis_squares(
+                    inputs, chunk[layer], basis_in, basis_out, support=support.get(layer),
+                    alpha=weight * step.scale, out=buffers[layer], accumulate=accumulate)
+        own = dict(squares)
         if self.process_group is not None:
             reduced, (examples,) = self._all_reduce(list(squares.values()),
                                                     [float(step.num_examples)])
             squares = dict(zip(squares, reduced))
             weight = self._weights.weight(examples)
         for layer, numerator in squares.items():
-            self._diagonals[layer].add(numerator, weight)
+            running = self._diagonals[layer]
+            running.add(numerator, weight)
+            if running.numerator is not own[layer]:
+                self._spare_squares[layer] = buffers[layer]
 
     def _padded_bases(self, layer: str) -> tuple[Tensor, Tensor]:
         """The layer's current bases with zero columns up to a fast width, made once per basis.
