@@ -616,10 +616,12 @@ def test_eigenbasis_squares_outer_route_needs_one_position() -> None:
         eigenbasis_squares(inputs, grads, torch.eye(4), torch.eye(2), route="outer")
 
 
-def test_eigenbasis_squares_names_a_wrong_buffer() -> None:
+def test_eigenbasis_squares_refuses_a_wrong_or_missing_buffer() -> None:
     inputs, grads = linear_rows(torch.randn(2, 1, 4)), torch.randn(1, 2, 1, 2)
     with pytest.raises(ValueError, match=r"out has shape \(2, 4\).*\(16, 16\)"):
         eigenbasis_squares(inputs, grads, torch.eye(4), torch.eye(2), out=torch.empty(2, 4))
+    with pytest.raises(ValueError, match="accumulate=True needs"):
+        eigenbasis_squares(inputs, grads, torch.eye(4), torch.eye(2), accumulate=True)
 
 
 def test_sequence_type2_per_term_splits_terms() -> None:

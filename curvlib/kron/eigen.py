@@ -229,6 +229,8 @@ def eigenbasis_squares(
     (``torch.profiler``, 1 thread).
     """
     widths = (padded_width(basis_out.shape[1]), padded_width(basis_in.shape[1]))
+    if accumulate and out is None:
+        raise ValueError("eigenbasis_squares: accumulate=True needs the result to add to in out.")
     if out is not None and out.shape != widths:
         raise ValueError(f"eigenbasis_squares: out has shape {tuple(out.shape)}, the padded bases "
                          f"need {widths}.")
@@ -266,7 +268,6 @@ def eigenbasis_squares(
     else:
         per_example = t * t * (w_out + w_in)
     result = out if out is not None else grads.new_empty(w_out, w_in)
-    accumulate = accumulate and out is not None
     # The outer route's first product overwrites (β = 0) instead of adding to zeros.
     overwrite = not accumulate and route == "outer" and n > 0
     if not accumulate and not overwrite:
@@ -341,7 +342,8 @@ def _input_chunks(inputs: LayerInputs, chunk: int, basis: Tensor, rotated: Tenso
 
 
 def _rotate_rows(grads: Tensor, basis: Tensor, out: Tensor) -> Tensor:
-    """g U for gradient rows g [K, m, T, d] into ``out`` [K, m, T, w] (contiguous), returned.
+    """g U for gradient rows g [K, m, T, d] into ``out`` [K, m, T, w] (each vector's block
+    contiguous), returned.
 
     A chunk of examples sliced from all N is not one matrix across the K vectors; ``matmul``
     then runs one product per example and vector — K·m matrix-vector products at T = 1, about
