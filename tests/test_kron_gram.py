@@ -4,11 +4,13 @@ products."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from itertools import pairwise
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from curvlib.capture import LayerCall, layer_inputs, output_rows
 from curvlib.kron.collect import InputRows, LayerInputs, grad_rows
@@ -181,11 +183,13 @@ def test_batch_statistics_from_chunks_of_vectors_equal_those_of_all(
         blocked) else torch.randn(k, n, t, d_out, dtype=torch.float64, generator=gen)
     weights = CurvatureWeights(reduction, None)
     whole, chunked = statistics(weights), statistics(weights)
-    expected = whole.batch(inputs, whole.output_terms(inputs, grads), 0.5, n)
+    whole.start(inputs.num_rows, n, 0.5)
+    chunked.start(inputs.num_rows, n, 0.5)
+    expected = whole.batch(inputs, whole.output_terms(inputs, grads))
     terms = None
     for kk in range(k):
         terms = chunked.output_terms(inputs, grads[kk : kk + 1], terms)
-    got = chunked.batch(inputs, terms, 0.5, n)
+    got = chunked.batch(inputs, terms)
     assert got.keys() == expected.keys()
     for name, (numerator, count) in expected.items():
         assert got[name][1] == count
@@ -293,3 +297,72 @@ def test_layer_inputs_refuse_an_input_changed_in_place() -> None:
         inputs.rows(0, 4)
     with pytest.raises(ValueError, match="input of module 'conv' was modified in place"):
         inputs.squared_norms()
+
+
+def _input_rows(kind: str, gen: torch.Generator) -> InputRows:
+    """Rows read as a linear layer's input (with a bias), a convolution's patches, or (reduce)
+    a sequence's position means."""
+    if kind == "conv":
+        conv = nn.Conv2d(2, 3, kernel_size=3, padding=1)
+        x = torch.randn(4, 2, 5, 5, dtype=torch.float64, generator=gen)
+        layout = LayerLayout("conv", conv, [conv.weight, conv.bias])
+        return InputRows(LayerInputs(layout, [x], [25], torch.float64), reduce=False)
+    layer = nn.Linear(6, 3)
+    x = torch.randn(5, 4, 6, dtype=torch.float64, generator=gen)
+    layout = LayerLayout("layer", layer, [layer.weight, layer.bias])
+    return InputRows(LayerInputs(layout, [x], [4], torch.float64), reduce=kind == "reduce")
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["written", "added"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+def test_products_scale_by_alpha(accumulate: bool, weighted: bool) -> None:
+    """Every route of gram, output_gram and input_gram scales its products by α: written over
+    whatever ``out`` held (NaN here) or added to an earlier result."""
+    gen = torch.Generator().manual_seed(2 * accumulate + weighted)
+    alpha = 0.3
+
+    def check(compute: Callable[..., Tensor], expected: Tensor, what: str) -> None:
+        d = expected.shape[0]
+        start = torch.randn(d, d, dtype=torch.float64, generator=gen) if accumulate else (
+            torch.full((d, d), float("nan"), dtype=torch.float64))
+        out = compute(out=start.clone(), accumulate=accumulate, alpha=alpha)
+        base = start.tril() if accumulate else torch.zeros_like(start)
+        assert_close(out.tril(), base + alpha * expected.tril(), rtol=1e-12, what=what)
+
+    rows = torch.randn(23, 11, dtype=torch.float64, generator=gen)
+    w = torch.rand(23, dtype=torch.float64, generator=gen) if weighted else None
+    check(partial(gram, rows, w, width=4, mirror=False),
+          rows.T @ (rows if w is None else w[:, None] * rows), "gram")
+    grads = torch.randn(2, 5, 4, 7, dtype=torch.float64, generator=gen).transpose(2, 3)
+    gw = torch.rand(5, 7, dtype=torch.float64, generator=gen) if weighted else None
+    flat = grads.reshape(2, 35, 4)
+    scale = torch.ones(35, dtype=torch.float64) if gw is None else gw.reshape(-1)
+    check(partial(output_gram, grads, gw, chunk=50, mirror=False),
+          torch.einsum("kmi,m,kmj->ij", flat, scale, flat), "output_gram, per-example blocks")
+    for kind in ("linear", "conv", "reduce"):
+        inputs = _input_rows(kind, gen)
+        matrix = inputs.matrix()
+        rw = torch.rand(matrix.shape[0], dtype=torch.float64, generator=gen) if weighted else None
+        check(partial(input_gram, inputs, rw, mirror=False),
+              matrix.T @ (matrix if rw is None else rw[:, None] * matrix), f"input_gram, {kind}")
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.6])
+@pytest.mark.parametrize("total", [False, True])
+def test_running_sum_accumulator_equals_add(ema_decay: float | None, total: bool) -> None:
+    """Batches added in place through accumulator() — the numerator decayed, α returned — read
+    as those given to add()."""
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(5, 5, dtype=torch.float64, generator=gen) for _ in range(3)]
+    added, in_place = RunningSum(ema_decay, total=total), RunningSum(ema_decay, total=total)
+    with pytest.raises(ValueError, match="no numerator to add to"):
+        in_place.accumulator(2.0)
+    for i, batch in enumerate(batches):
+        added.add(batch.clone(), 2.0 + i)
+        if i == 0:
+            in_place.add(batch.clone(), 2.0)
+        else:
+            numerator, alpha = in_place.accumulator(2.0 + i)
+            numerator.add_(batch, alpha=alpha)
+    assert in_place.count == pytest.approx(added.count, rel=1e-15)
+    assert_close(in_place.value(), added.value(), rtol=1e-13, what="read")

@@ -47,9 +47,9 @@ from curvlib.kron.collect import InputRows, sum_of_squares
 
 def gram(
     rows: Tensor, weights: Tensor | None = None, width: int = 128, chunk: int = 1 << 20,
-    mirror: bool = True, out: Tensor | None = None, accumulate: bool = False,
+    mirror: bool = True, out: Tensor | None = None, accumulate: bool = False, alpha: float = 1.0,
 ) -> Tensor:
-    """Σ_m w_m r_m r_mᵀ for rows [M, d] (w_m = 1 without ``weights``), computing only the lower
+    """α Σ_m w_m r_m r_mᵀ for rows [M, d] (w_m = 1 without ``weights``), computing only the lower
     triangle of blocks.
 
     The columns are cut into p = ⌈d / width⌉ blocks, rows = [X₁ … X_p]. Block row i of the lower
@@ -70,7 +70,7 @@ def gram(
 
     ``out``: a d × d tensor to write the result into (whatever it held), instead of a new one;
     with ``accumulate``, one that holds an earlier result of the same ``width`` and ``mirror`` to
-    add this one to.
+    add this one to. α scales the products themselves (no pass of its own over the result).
     """
     m, d = rows.shape
     bounds = gram_bounds(d, width)
@@ -79,11 +79,9 @@ def gram(
     if weights is None:
         if out is None:
             out = rows.new_empty(d, d) if mirror else rows.new_zeros(d, d)
-        for lo, hi in pairwise(bounds):
-            if accumulate:
-                out[lo:hi, :hi].addmm_(rows[:, lo:hi].T, rows[:, :hi])
-            else:
-                torch.mm(rows[:, lo:hi].T, rows[:, :hi], out=out[lo:hi, :hi])
+        for lo, hi in pairwise(bounds):  # β = 0 overwrites, whatever out held (NaN included)
+            out[lo:hi, :hi].addmm_(rows[:, lo:hi].T, rows[:, :hi], beta=float(accumulate),
+                                   alpha=alpha)
     else:
         if out is None:
             out = rows.new_zeros(d, d)
@@ -97,7 +95,7 @@ def gram(
             scale = weights[start : start + step, None]
             for lo, hi in pairwise(bounds):
                 scaled = torch.mul(part[:, lo:hi], scale, out=panel[: part.shape[0], : hi - lo])
-                out[lo:hi, :hi].addmm_(scaled.T, part[:, :hi])
+                out[lo:hi, :hi].addmm_(scaled.T, part[:, :hi], alpha=alpha)
     return mirror_lower(out, width) if mirror else out
 
 
@@ -132,10 +130,10 @@ def mirror_lower(matrix: Tensor, width: int = 128) -> Tensor:
 
 
 def input_gram(rows: InputRows, weights: Tensor | None = None, mirror: bool = True,
-               out: Tensor | None = None) -> Tensor:
-    """Σ_m w_m ā_m ā_mᵀ over input rows formed a chunk at a time (:class:`InputRows`), each
+               out: Tensor | None = None, accumulate: bool = False, alpha: float = 1.0) -> Tensor:
+    """α Σ_m w_m ā_m ā_mᵀ over input rows formed a chunk at a time (:class:`InputRows`), each
     chunk's :func:`gram` added to the earlier ones'; ``weights`` [M] (w_m ≥ 0; w_m = 1
-    without), ``mirror`` and ``out`` as in :func:`gram`.
+    without), ``mirror``, ``out``, ``accumulate`` and α as in :func:`gram`.
 
     Weighted rows are scaled by √w_m in the chunk itself (a buffer of :class:`InputRows`,
     rewritten by the next chunk) and summed as a plain Gram, instead of through the weighted
@@ -144,38 +142,46 @@ def input_gram(rows: InputRows, weights: Tensor | None = None, mirror: bool = Tr
     pass where weighted), with the homogeneous coordinate's row added from sums. Reduce rows are
     the kept :meth:`InputRows.means`, read by :func:`gram` as they are.
     """
+    if accumulate and out is None:
+        raise ValueError("input_gram: accumulate=True needs the result to add to in out.")
     roots = None if weights is None else weights.sqrt()
     features = rows.features()
     if features is not None:
-        return _homogeneous_gram(features, rows.inputs.shape[2], roots, mirror, out)
+        return _homogeneous_gram(features, rows.inputs.shape[2], roots, mirror, out, accumulate,
+                                 alpha)
     if rows.reduce:  # the kept means: N rows, not to be scaled in place
-        return gram(rows.means(), weights, mirror=mirror, out=out)
+        return gram(rows.means(), weights, mirror=mirror, out=out, accumulate=accumulate,
+                    alpha=alpha)
     first = True
     for start, chunk in rows.chunks():
         if roots is not None:
             chunk.mul_(roots[start : start + chunk.shape[0], None])
-        out = gram(chunk, mirror=False, out=out, accumulate=not first)
+        out = gram(chunk, mirror=False, out=out, accumulate=accumulate or not first, alpha=alpha)
         first = False
     assert out is not None
     return mirror_lower(out) if mirror else out
 
 
 def _homogeneous_gram(features: Tensor, d_cols: int, roots: Tensor | None, mirror: bool,
-                      out: Tensor | None) -> Tensor:
-    """Σ_m w_m ā_m ā_mᵀ of the rows ā_m = [x_m; 1] (the trailing 1 where d_cols = d + 1) from
+                      out: Tensor | None, accumulate: bool, alpha: float) -> Tensor:
+    """α Σ_m w_m ā_m ā_mᵀ of the rows ā_m = [x_m; 1] (the trailing 1 where d_cols = d + 1) from
     x [M, d] alone (``roots``: √w_m, or None for w_m = 1): the Gram of the rows √w_m x_m, with
     Σ_m w_m x_mᵀ and Σ_m w_m as the last row."""
     m, d = features.shape
     out = features.new_zeros(d_cols, d_cols) if out is None else out
     scaled = features if roots is None else features * roots[:, None]
-    gram(scaled, mirror=False, out=out[:d, :d])
+    gram(scaled, mirror=False, out=out[:d, :d], accumulate=accumulate, alpha=alpha)
     if d_cols > d:
+        sums, corner = out[d, :d], out[d, d]
+        if not accumulate:
+            sums.zero_()
+            corner.zero_()
         if roots is None:
-            torch.sum(features, 0, out=out[d, :d])
-            out[d, d] = m
+            sums.add_(features.sum(0), alpha=alpha)
+            corner.add_(alpha * m)
         else:
-            torch.mv(scaled.T, roots, out=out[d, :d])
-            out[d, d] = roots.square().sum()
+            sums.addmv_(scaled.T, roots, alpha=alpha)
+            corner.add_(roots.square().sum(), alpha=alpha)
     return mirror_lower(out) if mirror else out
 
 
@@ -211,16 +217,16 @@ def example_blocks(grads: Tensor) -> Tensor | None:
 
 
 def output_gram(grads: Tensor, weights: Tensor | None = None, chunk: int = 1 << 18,
-                mirror: bool = True, out: Tensor | None = None, accumulate: bool = False
-                ) -> Tensor:
-    """Σ_{k,m} w_m g_{k,m} g_{k,m}ᵀ for gradient rows g [K, *R, d] (R row axes holding M rows)
+                mirror: bool = True, out: Tensor | None = None, accumulate: bool = False,
+                alpha: float = 1.0) -> Tensor:
+    """α Σ_{k,m} w_m g_{k,m} g_{k,m}ᵀ for gradient rows g [K, *R, d] (R row axes holding M rows)
     and row weights w [*R] shared by the K vectors (w_m = 1 without ``weights``).
 
     Rows that merge into a [K·M, d] matrix go to :func:`gram`. Rows stored as per-example
     blocks X_{k,n} = [g_{k,n,1} … g_{k,n,T}] ∈ ℝ^{d × T} (:func:`example_blocks`) are summed as
     Σ_{k,n} (X_{k,n} diag(w_n)) X_{k,n}ᵀ: batched products over about ``chunk`` entries of blocks
     at a time, whose [B, d, d] results (and scaled blocks) live in reused buffers, so no copy of
-    the rows is made. ``mirror``, ``out`` and ``accumulate`` as in :func:`gram` (the blocks'
+    the rows is made. ``mirror``, ``out``, ``accumulate`` and α as in :func:`gram` (the blocks'
     products are always full).
     """
     blocks = example_blocks(grads)
@@ -228,7 +234,7 @@ def output_gram(grads: Tensor, weights: Tensor | None = None, chunk: int = 1 << 
         flat = grads.reshape(-1, grads.shape[-1])
         if weights is not None:
             weights = weights.reshape(-1).repeat(grads.shape[0])
-        return gram(flat, weights, mirror=mirror, out=out, accumulate=accumulate)
+        return gram(flat, weights, mirror=mirror, out=out, accumulate=accumulate, alpha=alpha)
     if accumulate and out is None:
         raise ValueError("output_gram: accumulate=True needs the result to add to in out.")
     k, n, d, t = blocks.shape
@@ -246,7 +252,7 @@ def output_gram(grads: Tensor, weights: Tensor | None = None, chunk: int = 1 << 
             left = part if scaled is None else torch.mul(
                 part, weights[start : start + step, None], out=scaled[:b])
             torch.bmm(left, part.transpose(1, 2), out=products[:b])
-            out += products[:b].sum(0)
+            out.add_(products[:b].sum(0), alpha=alpha)
     return out
 
 
@@ -293,13 +299,23 @@ class RunningSum:
             keep = 1.0 if self.ema_decay is None else 1.0 - self.ema_decay
             self.numerator = numerator if keep == 1.0 else numerator.mul_(keep)
             self.count = keep * count
-        elif self.ema_decay is None:
-            self.numerator.add_(numerator)
-            self.count += count
         else:
-            beta = self.ema_decay
-            self.numerator.mul_(beta).add_(numerator, alpha=1.0 - beta)
-            self.count = beta * self.count + (1.0 - beta) * count
+            running, alpha = self.accumulator(count)
+            running.add_(numerator, alpha=alpha)
+
+    def accumulator(self, count: float) -> tuple[Tensor, float]:
+        """Count a batch whose numerator X the caller adds to the running numerator itself, as
+        α X (e.g. by the products that form X, scaled by α): the numerator (decayed here under
+        an EMA) and α. Nothing takes a batch back out, so X must be known to be finite first;
+        the first batch goes to :meth:`add`."""
+        if self.numerator is None:
+            raise ValueError("RunningSum.accumulator: no numerator to add to; add() the first.")
+        if self.ema_decay is None:
+            self.count += count
+            return self.numerator, 1.0
+        beta = self.ema_decay
+        self.count = beta * self.count + (1.0 - beta) * count
+        return self.numerator.mul_(beta), 1.0 - beta
 
     @property
     def empty(self) -> bool:
@@ -345,6 +361,17 @@ class CurvatureWeights:
 
 
 @dataclass(frozen=True)
+class Target:
+    """Where the products forming one batch's numerator of a matrix statistic write: ``out``
+    (None: a new tensor), overwritten or, with ``accumulate``, added to, the products scaled by
+    ``alpha`` (the statistic's factor: 1 for row means, w_b·c_b for curvature-scale ones)."""
+
+    out: Tensor | None
+    accumulate: bool
+    alpha: float
+
+
+@dataclass(frozen=True)
 class FactorRows:
     """Functions that form the rows R of one batch whose Gram RᵀR is proportional to a layer's
     input factor ([M, d_in']) and output factor ([K·M, d_out]) of that batch alone; None where
@@ -362,10 +389,18 @@ class FactorStatistics(ABC):
     ``V ↦ output_factor · V · input_factor / divisor`` on the [W | b] matrix.
 
     ``row_means`` names the statistics counted in rows (read as means over rows); every other one
-    is curvature-scale, counted in batch weights w_b.
+    is curvature-scale, counted in batch weights w_b. ``matrices`` names the d × d statistics,
+    Grams whose products :meth:`start` points at a :class:`Target`. ``crosses_sides``: some
+    statistic weighs one side's rows by the other's squared norms (its trace is at most the
+    product of the two sides' traces).
+
+    A batch: :meth:`start`, :meth:`output_terms` for each chunk of the K vectors, :meth:`batch`,
+    then — once the caller has checked what :meth:`batch` returned — :meth:`fold`.
     """
 
     row_means: ClassVar[frozenset[str]] = frozenset()
+    matrices: ClassVar[frozenset[str]] = frozenset()
+    crosses_sides: ClassVar[bool] = False
 
     def __init__(self, weights: CurvatureWeights) -> None:
         self.weights = weights
@@ -373,6 +408,41 @@ class FactorStatistics(ABC):
         # output_gram) instead of allocating: a fresh d × d tensor comes from the operating
         # system, and first touching its pages cost ~15% of W1's K-FAC statistics step.
         self._spare: dict[str, Tensor] = {}
+        self._targets: dict[str, Target] = {}
+        self._counts: dict[str, float] = {}
+        self._scale = 1.0
+
+    def start(self, num_rows: int, num_examples: int, scale: float, in_place: bool = False
+              ) -> None:
+        """Begin a batch of ``num_rows`` rows ā and ``num_examples`` examples whose loss has the
+        reduction factor c = ``scale``, choosing where its matrix numerators are written.
+
+        By default into the spare numerators of earlier batches (or new tensors), which
+        :meth:`batch` returns for the caller to check and :meth:`fold` adds. ``in_place``: into
+        the running numerators themselves, counted now — no pass to add them, no spare matrix
+        kept, but nothing takes the batch back out, so the caller must know beforehand that its
+        products are finite; :meth:`batch` then returns only the scalar statistics. Needs every
+        statistic to hold a batch already (:attr:`empty` false).
+        """
+        w = self.weights.weight(num_examples)
+        self._scale = w * scale
+        running = self.running_sums()
+        self._counts = {name: float(num_rows) if name in self.row_means else w
+                        for name in running}
+        self._targets = {}
+        for name in self.matrices:
+            factor = 1.0 if name in self.row_means else self._scale
+            if in_place:
+                out, alpha = running[name].accumulator(self._counts[name])
+                self._targets[name] = Target(out, True, factor * alpha)
+            else:
+                self._targets[name] = Target(self._spare.pop(name, None), False, factor)
+
+    def _to_fold(self, numerators: dict[str, Tensor]) -> dict[str, tuple[Tensor, float]]:
+        """The (numerator, count) pairs of a batch that :meth:`fold` still has to add: all but
+        those written in place."""
+        return {name: (numerator, self._counts[name]) for name, numerator in numerators.items()
+                if not (name in self._targets and self._targets[name].accumulate)}
 
     @abstractmethod
     def output_terms(
@@ -384,12 +454,10 @@ class FactorStatistics(ABC):
         of the earlier chunks (updated in place and returned) or new ones for the first chunk."""
 
     @abstractmethod
-    def batch(
-        self, inputs: InputRows, terms: dict[str, Tensor], scale: float, num_examples: int
-    ) -> dict[str, tuple[Tensor, float]]:
-        """One batch's (numerator, count) per running statistic, from its rows ā [M, d_in'], the
-        :meth:`output_terms` of all its K vectors and the batch's c and N; :meth:`fold` adds
-        them (the terms' tensors may become numerators)."""
+    def batch(self, inputs: InputRows, terms: dict[str, Tensor]) -> dict[str, tuple[Tensor, float]]:
+        """One batch's (numerator, count) per running statistic not written in place (see
+        :meth:`start`), from its rows ā [M, d_in'] and the :meth:`output_terms` of all its K
+        vectors; :meth:`fold` adds them (the terms' tensors may become numerators)."""
 
     @abstractmethod
     def factor_rows(
@@ -408,10 +476,6 @@ class FactorStatistics(ABC):
             running[name].add(numerator, count)
             if numerator.dim() == 2 and running[name].numerator is not numerator:
                 self._spare[name] = numerator
-
-    def _out(self, name: str) -> Tensor | None:
-        """The spare numerator of statistic ``name`` to write a new batch into, if any."""
-        return self._spare.pop(name, None)
 
     @abstractmethod
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -441,6 +505,7 @@ class KFACStatistics(FactorStatistics):
     """A = mean of ā āᵀ over rows; G = c Σ_{rows,k} g gᵀ (curvature scale)."""
 
     row_means: ClassVar[frozenset[str]] = frozenset({"A"})
+    matrices: ClassVar[frozenset[str]] = frozenset({"A", "G"})
 
     def __init__(self, weights: CurvatureWeights) -> None:
         super().__init__(weights)
@@ -450,18 +515,20 @@ class KFACStatistics(FactorStatistics):
     def output_terms(
         self, inputs: InputRows, grads: Tensor, terms: dict[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
+        target = self._targets["G"]
         if terms is None:
-            return {"G": output_gram(grads, mirror=False, out=self._out("G"))}
-        output_gram(grads, mirror=False, out=terms["G"], accumulate=True)
+            return {"G": output_gram(grads, mirror=False, out=target.out,
+                                     accumulate=target.accumulate, alpha=target.alpha)}
+        output_gram(grads, mirror=False, out=terms["G"], accumulate=True, alpha=target.alpha)
         return terms
 
-    def batch(
-        self, inputs: InputRows, terms: dict[str, Tensor], scale: float, num_examples: int
-    ) -> dict[str, tuple[Tensor, float]]:
-        w = self.weights.weight(num_examples)
-        return {"A": (input_gram(inputs, mirror=False, out=self._out("A")),
-                      float(inputs.num_rows)),
-                "G": (terms["G"].mul_(w * scale), w)}
+    def batch(self, inputs: InputRows, terms: dict[str, Tensor]) -> dict[str, tuple[Tensor, float]]:
+        a = self._targets["A"]
+        return self._to_fold({
+            "A": input_gram(inputs, mirror=False, out=a.out, accumulate=a.accumulate,
+                            alpha=a.alpha),
+            "G": terms["G"],
+        })
 
     def factor_rows(
         self, inputs: InputRows | None, terms: dict[str, Tensor], grads: Tensor | None
@@ -485,6 +552,9 @@ class KFACStatistics(FactorStatistics):
 class TKFACStatistics(FactorStatistics):
     """δ, Φ_raw and Ψ_raw (curvature scale), averaged undivided and divided when read."""
 
+    matrices: ClassVar[frozenset[str]] = frozenset({"Phi_raw", "Psi_raw"})
+    crosses_sides: ClassVar[bool] = True
+
     def __init__(self, weights: CurvatureWeights) -> None:
         super().__init__(weights)
         self.delta = weights.running()
@@ -495,26 +565,26 @@ class TKFACStatistics(FactorStatistics):
         self, inputs: InputRows, grads: Tensor, terms: dict[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
         # Σ_k ‖g_{m,k}‖² and Σ_{m,k} ‖ā_m‖² g gᵀ; Φ_raw and δ need the former complete.
+        psi = self._targets["Psi_raw"]
         if terms is None:
             sq_in = inputs.squared_norms()  # ‖ā_m‖², [M]
             return {"sq_in": sq_in, "sq_out": output_squared_norms(grads).reshape(-1),
                     "Psi_raw": output_gram(grads, sq_in.view(grads.shape[1:-1]), mirror=False,
-                                           out=self._out("Psi_raw"))}
+                                           out=psi.out, accumulate=psi.accumulate,
+                                           alpha=psi.alpha)}
         terms["sq_out"] += output_squared_norms(grads).reshape(-1)
         output_gram(grads, terms["sq_in"].view(grads.shape[1:-1]), mirror=False,
-                    out=terms["Psi_raw"], accumulate=True)
+                    out=terms["Psi_raw"], accumulate=True, alpha=psi.alpha)
         return terms
 
-    def batch(
-        self, inputs: InputRows, terms: dict[str, Tensor], scale: float, num_examples: int
-    ) -> dict[str, tuple[Tensor, float]]:
-        sq_in, sq_out = terms["sq_in"], terms["sq_out"]
-        count = self.weights.weight(num_examples)
-        w = count * scale
-        return {"delta": (w * torch.dot(sq_in, sq_out), count),
-                "Phi_raw": (input_gram(inputs, sq_out, mirror=False, out=self._out("Phi_raw"))
-                            .mul_(w), count),
-                "Psi_raw": (terms["Psi_raw"].mul_(w), count)}
+    def batch(self, inputs: InputRows, terms: dict[str, Tensor]) -> dict[str, tuple[Tensor, float]]:
+        phi = self._targets["Phi_raw"]
+        return self._to_fold({
+            "delta": self._scale * torch.dot(terms["sq_in"], terms["sq_out"]),
+            "Phi_raw": input_gram(inputs, terms["sq_out"], mirror=False, out=phi.out,
+                                  accumulate=phi.accumulate, alpha=phi.alpha),
+            "Psi_raw": terms["Psi_raw"],
+        })
 
     def factor_rows(
         self, inputs: InputRows | None, terms: dict[str, Tensor], grads: Tensor | None
