@@ -8,6 +8,7 @@ what hooks see into that form:
   itself for ``nn.Linear`` (every leading axis after the first is a shared position), the unfolded
   receptive-field patches for ``nn.Conv1d/Conv2d`` in (C_in, k...) order so that they multiply
   ``weight.view(C_out, -1)``, honouring stride, padding (also ``"same"``) and dilation;
+* :func:`convolved_rows` gives those rows times a matrix without forming them;
 * :func:`output_rows` reshapes a gradient w.r.t. the layer output to [..., N, T, d_out];
 * :func:`empty_rows` allocates rows in the layout each layer fills without transposing
   (feature-major for convolutions, whose positions are innermost), :func:`empty_grad_rows`
@@ -171,6 +172,18 @@ def layer_inputs(module: nn.Module, x: Tensor, out: Tensor | None = None) -> Ten
         rows.view(windows.shape).copy_(windows)
         return rows
     raise ValueError(f"{type(module).__name__} is not a supported layer.")
+
+
+def convolved_rows(module: nn.Conv1d | nn.Conv2d, x: Tensor, matrix: Tensor,
+                   bias: Tensor | None = None) -> Tensor:
+    """a_{n,t}ᵀ M (+ b) for every row of a convolution's input x, as an [N, T, w] tensor (a
+    transposed view), for M [d_in, w] and b [w]: the layer's own convolution of x, with the
+    columns of M as its w filters and b as their bias, so that the rows are never unfolded.
+    """
+    filters = matrix.T.reshape(matrix.shape[1], *module.weight.shape[1:])
+    convolve = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
+    out = convolve(x, filters, bias, module.stride, module.padding, module.dilation)
+    return out.flatten(2).transpose(1, 2)
 
 
 def output_rows(module: nn.Module, grad: Tensor, batch_axes: int = 0) -> Tensor:

@@ -263,6 +263,48 @@ def test_layer_inputs_form_the_rows_in_chunks(layer: nn.Module, shape: tuple, ca
         assert features is None
 
 
+CONV_LAYERS = [(layer, shape) for layer, shape in ROW_LAYERS if not isinstance(layer, nn.Linear)]
+
+
+@pytest.mark.parametrize("layer,shape", CONV_LAYERS, ids=[str(m) for m, _ in CONV_LAYERS])
+@pytest.mark.parametrize("bias", [False, True], ids=["weight", "weight+bias"])
+def test_convolved_chunks_are_the_rows_times_the_basis(layer: nn.Module, shape: tuple,
+                                                       bias: bool) -> None:
+    """A convolution's rows times a basis, computed as a convolution with the basis columns as
+    filters (the homogeneous coordinate's row as their bias), equal the formed rows times the
+    basis, chunk by chunk; inputs of another dtype are converted first."""
+    layer = layer.double()
+    params = [layer.weight] + ([layer.bias] if bias and layer.bias is not None else [])
+    layout = LayerLayout("layer", layer, params)
+    x = torch.randn(5, *shape)  # float32, read in float64
+    inputs = LayerInputs.recorded(layout, [LayerCall(x, layer(x.double()), 0)], torch.float64)
+    rows = inputs.rows(0, 5)
+    basis = torch.randn(layout.d_cols, 7, dtype=torch.float64)
+    chunks = inputs.convolved_chunks(basis, 2)
+    assert chunks is not None
+    got = list(chunks)
+    assert [start for start, _ in got] == [0, 2, 4]
+    assert_close(torch.cat([a for _, a in got]), rows @ basis, rtol=1e-12, what="ā U")
+
+
+def test_convolved_chunks_only_for_one_convolution_call() -> None:
+    """Rows that are not one call of a convolution's input are formed instead: a linear layer's,
+    two calls' (weight tying) and a bias-only layer's."""
+    conv, linear = nn.Conv1d(2, 3, kernel_size=3), nn.Linear(4, 3)
+    x, z = torch.randn(2, 2, 6), torch.randn(2, 4)
+    basis = torch.eye(7)
+
+    def inputs(layer: nn.Module, params: list[Tensor], xs: list[Tensor]) -> LayerInputs:
+        layout = LayerLayout("layer", layer, params)
+        return LayerInputs.recorded(layout, [LayerCall(v, layer(v), 0) for v in xs],
+                                    torch.float32)
+
+    assert inputs(conv, [conv.weight, conv.bias], [x]).convolved_chunks(basis, 1) is not None
+    assert inputs(conv, [conv.weight, conv.bias], [x, x]).convolved_chunks(basis, 1) is None
+    assert inputs(conv, [conv.bias], [x]).convolved_chunks(basis[:1], 1) is None
+    assert inputs(linear, [linear.weight], [z]).convolved_chunks(basis[:4], 1) is None
+
+
 def test_reduce_rows_are_formed_once_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under reduce, the norms, the (weighted) Gram and the matrix all read the per-example
     means formed once, not the positions' rows again."""

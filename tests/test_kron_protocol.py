@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlib import EKFAC, KFAC, TEKFAC, TKFAC
-from curvlib.capture import LayerCapture
+from curvlib.capture import LayerCall, LayerCapture
 from curvlib.kron import KroneckerEstimate, eigen
 from curvlib.kron.collect import LayerInputs
 from curvlib.kron.eigen import (
@@ -598,6 +598,29 @@ def test_eigenbasis_squares_routes_agree(t: int, route: SquaresRoute, bias: bool
                                alpha=0.5, out=out, accumulate=True)
             assert scaled.data_ptr() == out.data_ptr() and scaled.shape == expected.shape
             assert_close(scaled, 0.5 * expected, rtol=1e-12, what=f"{what}, out")
+
+
+@pytest.mark.parametrize("route", ["auto", "per_example", "gram"])
+@pytest.mark.parametrize("calls", [1, 2], ids=["convolved", "formed"])
+def test_eigenbasis_squares_of_a_convolution(route: SquaresRoute, calls: int) -> None:
+    """On a strided, padded convolution the routes equal Σ_{n,k} (U_outᵀ U_{n,k} U_in)^{∘2}
+    whether its rows are rotated as a convolution (one call) or formed and multiplied (two
+    calls, every call's positions side by side)."""
+    gen = torch.Generator().manual_seed(calls)
+    layer = nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=1).double()
+    layout = LayerLayout("conv", layer, [layer.weight, layer.bias])
+    xs = [torch.randn(4, 2, 5, 4, dtype=torch.float64, generator=gen) for _ in range(calls)]
+    inputs = LayerInputs.recorded(layout, [LayerCall(x, layer(x), 0) for x in xs], torch.float64)
+    rows = inputs.rows(0, 4)
+    t, d_in = rows.shape[1:]
+    grads = torch.randn(3, 4, 3, t, dtype=torch.float64, generator=gen).transpose(-1, -2)
+    basis_in = torch.linalg.qr(torch.randn(d_in, d_in, dtype=torch.float64, generator=gen))[0]
+    basis_out = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=gen))[0]
+    per_example = torch.einsum("knti,ntj->knij", grads, rows)
+    expected = (basis_out.T @ per_example @ basis_in).square().sum((0, 1))
+    for max_elements in (1, 1 << 20):
+        got = eigenbasis_squares(inputs, grads, basis_in, basis_out, max_elements, route)
+        assert_close(got, expected, rtol=1e-12, what=f"{route}, max_elements={max_elements}")
 
 
 @pytest.mark.parametrize("column_major", [False, True])

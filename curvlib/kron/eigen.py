@@ -47,9 +47,10 @@ routes:
   gradient is formed;
 * per-example gradients: P_{n,k} = U_outᵀ (Σ_t g_{n,t,k} ā_{n,t}ᵀ) U_in, then D = c Σ P^{∘2}
   (K N T d_out d_in' multiply-adds to form them). Each side is rotated where it is cheaper:
-  the N·T input rows before forming P (N T d_in'² multiply-adds) or the N·K formed gradients
-  after (N K d_out d_in'²) — rows when T < K d_out; likewise the output side, rows
-  (N K T d_out²) when T < d_in', else the gradients (N K d_out² d_in'). On W2's second
+  the N·T input rows before forming P (N T d_in'² multiply-adds; on CPU a convolution's rows
+  are never formed for it: :meth:`~curvlib.kron.collect.LayerInputs.convolved_chunks`) or the
+  N·K formed gradients after (N K d_out d_in'²) — rows when T < K d_out; likewise the output
+  side, rows (N K T d_out²) when T < d_in', else the gradients (N K d_out² d_in'). On W2's second
   convolution (T = 256 positions, d_in' = 289, d_out = 64) rotating the gradients on the input
   side does a quarter of the work of rotating the rows;
 * Gram form: D_ij = c Σ_n Σ_{t,s} (Σ_k g̃_{ntki} g̃_{nski}) (ã_{ntj} ã_{nsj})
@@ -275,14 +276,15 @@ def eigenbasis_squares(
     chunk = max(1, min(n, max_elements // max(per_example, 1)))
     # One workspace per product, reused by every chunk: a fresh buffer per chunk costs page
     # faults on CPU comparable to the product itself.
-    rotated_in = grads.new_empty(chunk, t, w_in) if rows_in else None
+    convolved = inputs.convolved_chunks(basis_in, chunk) if rows_in else None
+    rotated_in = grads.new_empty(chunk, t, w_in) if rows_in and convolved is None else None
     # An example's K gradients enter one product as a [K·d_out, T] left factor. Gradients stored
     # with d_out innermost (linear layers) and K > 1 are packed [m, T, K, d_out] so that it is a
     # transposed view; per-example [d_out, T] blocks (convolutions) copy into it along T.
     packed = route == "per_example" and k > 1 and grads.stride(-1) == 1
     rotated_out = None if not rows_out else (
         grads.new_empty(chunk * t * k, w_out) if packed else grads.new_empty(k, chunk, t, w_out))
-    for start, a in _input_chunks(inputs, chunk, basis_in, rotated_in):
+    for start, a in convolved or _input_chunks(inputs, chunk, basis_in, rotated_in):
         m = a.shape[0]
         g = grads[:, start : start + m]  # g [K, m, T, d_out]
         if packed:
