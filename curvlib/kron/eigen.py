@@ -276,15 +276,13 @@ def eigenbasis_squares(
     chunk = max(1, min(n, max_elements // max(per_example, 1)))
     # One workspace per product, reused by every chunk: a fresh buffer per chunk costs page
     # faults on CPU comparable to the product itself.
-    convolved = inputs.convolved_chunks(basis_in, chunk) if rows_in else None
-    rotated_in = grads.new_empty(chunk, t, w_in) if rows_in and convolved is None else None
     # An example's K gradients enter one product as a [K·d_out, T] left factor. Gradients stored
     # with d_out innermost (linear layers) and K > 1 are packed [m, T, K, d_out] so that it is a
     # transposed view; per-example [d_out, T] blocks (convolutions) copy into it along T.
     packed = route == "per_example" and k > 1 and grads.stride(-1) == 1
     rotated_out = None if not rows_out else (
         grads.new_empty(chunk * t * k, w_out) if packed else grads.new_empty(k, chunk, t, w_out))
-    for start, a in convolved or _input_chunks(inputs, chunk, basis_in, rotated_in):
+    for start, a in _input_chunks(inputs, chunk, basis_in if rows_in else None):
         m = a.shape[0]
         g = grads[:, start : start + m]  # g [K, m, T, d_out]
         if packed:
@@ -313,24 +311,31 @@ def eigenbasis_squares(
     return result[:d_out, :d_in]
 
 
-def _input_chunks(inputs: LayerInputs, chunk: int, basis: Tensor, rotated: Tensor | None
+def _input_chunks(inputs: LayerInputs, chunk: int, basis: Tensor | None
                   ) -> Iterator[tuple[int, Tensor]]:
-    """(first example, ā [m, T, d_in']) for chunks of ``chunk`` examples, or the rows rotated,
-    ā U [m, T, w], into ``rotated`` [chunk, T, w] (reused) where given.
+    """(first example, ā [m, T, d_in']) for chunks of ``chunk`` examples, or with a basis U
+    [d_in', w] the rows rotated, ā U [m, T, w].
 
-    Rows that are a linear layer's recorded input (:meth:`LayerInputs.features`) are rotated
-    from that input, the homogeneous coordinate's 1 adding the basis' last row, instead of
-    being copied beside a column of ones first.
+    A convolution's rows are rotated as a convolution where
+    :meth:`LayerInputs.convolved_chunks` applies; rows that are a linear layer's recorded input
+    (:meth:`LayerInputs.features`) are rotated from that input, the homogeneous coordinate's 1
+    adding the basis' last row, instead of being copied beside a column of ones first. Other
+    rotated rows are formed and multiplied; both products write into one reused buffer.
     """
     n, t, d_in = inputs.shape
-    features = None if rotated is None else inputs.features()
-    if features is None:
-        for start, a in inputs.chunks(chunk * t * d_in):  # one reused buffer
-            if rotated is not None:
-                a = torch.matmul(a, basis, out=rotated[: a.shape[0]])
-            yield start, a
+    if basis is None:
+        yield from inputs.chunks(chunk * t * d_in)  # one reused buffer
         return
-    assert rotated is not None
+    convolved = inputs.convolved_chunks(basis, chunk)
+    if convolved is not None:
+        yield from convolved
+        return
+    rotated = basis.new_empty(chunk, t, basis.shape[1])
+    features = inputs.features()
+    if features is None:
+        for start, a in inputs.chunks(chunk * t * d_in):
+            yield start, torch.matmul(a, basis, out=rotated[: a.shape[0]])
+        return
     d = features.shape[-1]
     for start in range(0, n, chunk):
         x = features[start : start + chunk].reshape(-1, d)
