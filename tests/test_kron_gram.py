@@ -27,7 +27,6 @@ from curvlib.kron.statistics import (
     input_gram,
     mirror_lower,
     output_gram,
-    output_squared_norms,
     squared_norms,
 )
 from curvlib.testing import assert_close
@@ -46,8 +45,10 @@ def test_gram_equals_the_full_product(
         torch.randn(m, d, dtype=torch.float64, generator=gen))
     weights = torch.rand(m, dtype=torch.float64, generator=gen) if weighted else None
     expected = rows.T @ (rows if weights is None else weights[:, None] * rows)
-    got = gram(rows, weights, width=width, chunk=chunk)
+    norms = torch.full((m,), float("nan"), dtype=torch.float64)
+    got = gram(rows, weights, width=width, chunk=chunk, norms=norms)
     assert_close(got, expected, rtol=1e-12, what="gram")
+    assert_close(norms, rows.square().sum(-1), rtol=1e-12, what="‖r‖² written with the gram")
     lower = gram(rows, weights, width=width, chunk=chunk, mirror=False)
     assert_close(lower.tril(), expected.tril(), rtol=1e-12, what="lower storage")
     upper = torch.zeros(d, d, dtype=torch.bool)  # above every diagonal block
@@ -146,14 +147,18 @@ def test_output_gram_and_norms_in_either_layout(blocked: bool, chunk: int, weigh
     lower = output_gram(grads, weights, chunk=chunk, mirror=False, out=out)
     assert lower is out
     assert_close(lower.tril(), expected.tril(), rtol=1e-12, what="G, lower storage in out")
-    assert_close(output_squared_norms(grads, chunk=chunk), rows.square().sum((0, 2)).view(n, t),
-                 rtol=1e-12, what="Σ_k ‖g‖²")
+    expected_norms = rows.square().sum((0, 2)).view(n, t)
+    norms = torch.ones(n, t, dtype=torch.float64)  # added to
+    output_gram(grads, weights, chunk=chunk, norms=norms)
+    assert_close(norms, 1.0 + expected_norms, rtol=1e-12, what="Σ_k ‖g‖² added to norms")
     # the K vectors one at a time, each added to the result of the ones before
-    out = output_gram(grads[:1], weights, chunk=chunk, mirror=False)
+    norms = torch.zeros(n, t, dtype=torch.float64)
+    out = output_gram(grads[:1], weights, chunk=chunk, mirror=False, norms=norms)
     for kk in range(1, k):
         assert output_gram(grads[kk : kk + 1], weights, chunk=chunk, mirror=False, out=out,
-                           accumulate=True) is out
+                           accumulate=True, norms=norms) is out
     assert_close(out.tril(), expected.tril(), rtol=1e-12, what="G accumulated over vectors")
+    assert_close(norms, expected_norms, rtol=1e-12, what="Σ_k ‖g‖² accumulated over vectors")
 
 
 def test_accumulate_needs_a_result_to_add_to() -> None:
