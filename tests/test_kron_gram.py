@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from curvlib.capture import LayerCall, layer_inputs, output_rows
+from curvlib.capture import LayerCall, convolution_filters, layer_inputs, output_rows
 from curvlib.kron.collect import InputRows, LayerInputs, grad_rows
 from curvlib.kron.layout import LayerLayout
 from curvlib.kron.statistics import (
@@ -284,12 +284,14 @@ def test_convolved_chunks_are_the_rows_times_the_basis(layer: nn.Module, shape: 
     x = torch.randn(5, *shape)  # float32, read in float64
     inputs = LayerInputs.recorded(layout, [LayerCall(x, layer(x.double()), 0)], torch.float64)
     rows = inputs.rows(0, 5)
-    basis = torch.randn(layout.d_cols, 7, dtype=torch.float64)
+    basis = torch.randn(7, layout.d_cols, dtype=torch.float64).T  # column-major, as from LAPACK
     chunks = inputs.convolved_chunks(basis, 2)
     assert chunks is not None
     got = list(chunks)
     assert [start for start, _ in got] == [0, 2, 4]
     assert_close(torch.cat([a for _, a in got]), rows @ basis, rtol=1e-12, what="ā U")
+    # made contiguous once: a convolution copies strided filters on every call, slowly
+    assert convolution_filters(layer, basis[: layout.d_in]).is_contiguous()
 
 
 def test_convolved_chunks_only_for_one_convolution_call() -> None:

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from curvlib.capture import (
     LayerCall,
+    convolution_filters,
     convolved_rows,
     empty_grad_rows,
     empty_rows,
@@ -216,10 +217,11 @@ class LayerInputs:
         multiply).
 
         No rows are unfolded, and the convolution runs faster than the product of the formed
-        rows: W2's third convolution (64 → 128 channels, 8 × 8, U 577 × 592, chunks of 4
-        examples, 1 thread) rotates the batch in 51–58 ms against 65–71 ms. Not on CUDA, where it
-        was not measured and cuDNN convolutions may run in TF32 (``torch.backends.cudnn.
-        allow_tf32``, on by default), below the precision of the products it replaces.
+        rows: W2's third convolution (64 → 128 channels, 8 × 8, a column-major U 577 × 592,
+        chunks of 4 examples, 1 thread, 21 rounds) rotates the batch in 51–70 ms (median 59)
+        against 67–91 ms (median 75). Not on CUDA, where it was not measured and cuDNN
+        convolutions may run in TF32 (``torch.backends.cudnn.allow_tf32``, on by default), below
+        the precision of the products it replaces.
         """
         layout, module = self.layout, self.layout.module
         if (len(self.inputs) != 1 or isinstance(module, nn.Linear) or not layout.has_weight
@@ -227,9 +229,10 @@ class LayerInputs:
             return None
         self.check_unmodified()
         x, d = self.inputs[0], layout.d_in
-        bias = basis[d] if layout.has_bias else None
+        bias = basis[d].contiguous() if layout.has_bias else None  # not copied per chunk
+        filters = convolution_filters(module, basis[:d])
         return ((start, convolved_rows(module, x[start : start + chunk].to(self.dtype),
-                                       basis[:d], bias))
+                                       filters, bias))
                 for start in range(0, self.shape[0], chunk))
 
     def chunks(self, max_entries: int = 1 << 20) -> Iterator[tuple[int, Tensor]]:
