@@ -337,12 +337,14 @@ def _input_chunks(inputs: LayerInputs, chunk: int, basis: Tensor | None
             yield start, torch.matmul(a, basis, out=rotated[: a.shape[0]])
         return
     d = features.shape[-1]
+    # The row of a column-major basis is strided, which slows the product's broadcast of it.
+    bias = basis[d].contiguous() if d < d_in else None
     for start in range(0, n, chunk):
         x = features[start : start + chunk].reshape(-1, d)
         m = x.shape[0] // t
         out = rotated[:m].view(m * t, -1)
-        if d < d_in:
-            torch.addmm(basis[d], x, basis[:d], out=out)
+        if bias is not None:
+            torch.addmm(bias, x, basis[:d], out=out)
         else:
             torch.mm(x, basis, out=out)
         yield start, rotated[:m]
