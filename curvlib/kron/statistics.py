@@ -63,8 +63,8 @@ def gram(
     panels w ⊙ X_i of a chunk are formed in one reused buffer and the products accumulate over
     the chunks, so no temporary of the rows' size is allocated (for TKFAC's type-2 gradients that
     would be K·M·d_out entries). Chunks of 2¹⁸ entries (1 MiB in float32) are still in cache when
-    their panels are multiplied: 20,480 weighted rows in 7.5 ms at d = 128 and 84 ms at d = 512,
-    against 9.4 and 92 ms with 2²⁰ (CPU, 1 thread).
+    their panels are multiplied: 20,480 weighted rows in 7.9 ms at d = 128 and 94 ms at d = 512,
+    against 9.3 and 98 ms with 2²⁰ (CPU, 1 thread, medians of 15).
 
     ``norms``: an [M] tensor to write ‖r_m‖² into. Weighted, each chunk's norms are taken while
     the chunk is in cache for its products, which saves TKFAC a pass over its largest rows:
