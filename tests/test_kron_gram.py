@@ -285,7 +285,8 @@ def test_convolved_chunks_are_the_rows_times_the_basis(layer: nn.Module, shape: 
     inputs = LayerInputs.recorded(layout, [LayerCall(x, layer(x.double()), 0)], torch.float64)
     rows = inputs.rows(0, 5)
     basis = torch.randn(7, layout.d_cols, dtype=torch.float64).T  # column-major, as from LAPACK
-    chunks = inputs.convolved_chunks(basis, 2)
+    last = basis[layout.d_in] if layout.has_bias else None
+    chunks = inputs.convolved_chunks(basis[: layout.d_in], last, 2)
     assert chunks is not None
     got = list(chunks)
     assert [start for start, _ in got] == [0, 2, 4]
@@ -306,10 +307,11 @@ def test_convolved_chunks_only_for_one_convolution_call() -> None:
         return LayerInputs.recorded(layout, [LayerCall(v, layer(v), 0) for v in xs],
                                     torch.float32)
 
-    assert inputs(conv, [conv.weight, conv.bias], [x]).convolved_chunks(basis, 1) is not None
-    assert inputs(conv, [conv.weight, conv.bias], [x, x]).convolved_chunks(basis, 1) is None
-    assert inputs(conv, [conv.bias], [x]).convolved_chunks(basis[:1], 1) is None
-    assert inputs(linear, [linear.weight], [z]).convolved_chunks(basis[:4], 1) is None
+    params = [conv.weight, conv.bias]
+    assert inputs(conv, params, [x]).convolved_chunks(basis[:6], basis[6], 1) is not None
+    assert inputs(conv, params, [x, x]).convolved_chunks(basis[:6], basis[6], 1) is None
+    assert inputs(conv, [conv.bias], [x]).convolved_chunks(basis[:0], basis[0], 1) is None
+    assert inputs(linear, [linear.weight], [z]).convolved_chunks(basis[:4], None, 1) is None
 
 
 def test_reduce_rows_are_formed_once_per_step(monkeypatch: pytest.MonkeyPatch) -> None:

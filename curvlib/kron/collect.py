@@ -209,12 +209,13 @@ class LayerInputs:
         self.check_unmodified()
         return layer_inputs(layout.module, self.inputs[0])
 
-    def convolved_chunks(self, basis: Tensor, chunk: int) -> Iterator[tuple[int, Tensor]] | None:
+    def convolved_chunks(self, weight_rows: Tensor, bias: Tensor | None, chunk: int
+                         ) -> Iterator[tuple[int, Tensor]] | None:
         """(first example, ā U [m, T, w]) for chunks of ``chunk`` examples and a basis
-        U [d_in', w], computed as the layer's own convolution (:func:`~curvlib.capture.
-        convolved_rows`; the homogeneous coordinate's row of U is the filters' bias) where the
-        rows are one call of a convolution with a weight, on CPU; else None (form the rows and
-        multiply).
+        U [d_in', w] given as its first d_in rows and, with a bias, its last row (None without),
+        computed as the layer's own convolution (:func:`~curvlib.capture.convolved_rows`; the
+        last row is the filters' bias) where the rows are one call of a convolution with a
+        weight, on CPU; else None (form the rows and multiply).
 
         No rows are unfolded, and the convolution runs faster than the product of the formed
         rows: W2's third convolution (64 → 128 channels, 8 × 8, a column-major U 577 × 592,
@@ -225,12 +226,10 @@ class LayerInputs:
         """
         layout, module = self.layout, self.layout.module
         if (len(self.inputs) != 1 or isinstance(module, nn.Linear) or not layout.has_weight
-                or basis.device.type != "cpu"):
+                or weight_rows.device.type != "cpu"):
             return None
         self.check_unmodified()
-        x, d = self.inputs[0], layout.d_in
-        bias = basis[d].contiguous() if layout.has_bias else None  # not copied per chunk
-        filters = convolution_filters(module, basis[:d])
+        x, filters = self.inputs[0], convolution_filters(module, weight_rows)
         return ((start, convolved_rows(module, x[start : start + chunk].to(self.dtype),
                                        filters, bias))
                 for start in range(0, self.shape[0], chunk))

@@ -326,7 +326,11 @@ def _input_chunks(inputs: LayerInputs, chunk: int, basis: Tensor | None
     if basis is None:
         yield from inputs.chunks(chunk * t * d_in)  # one reused buffer
         return
-    convolved = inputs.convolved_chunks(basis, chunk)
+    d = inputs.layout.d_in
+    # The homogeneous coordinate's row, contiguous once: a column-major basis' row is strided,
+    # which slows the products that broadcast it (as addmm's bias or a convolution's).
+    bias = basis[d].contiguous() if inputs.layout.has_bias else None
+    convolved = inputs.convolved_chunks(basis[:d], bias, chunk)
     if convolved is not None:
         yield from convolved
         return
@@ -336,9 +340,6 @@ def _input_chunks(inputs: LayerInputs, chunk: int, basis: Tensor | None
         for start, a in inputs.chunks(chunk * t * d_in):
             yield start, torch.matmul(a, basis, out=rotated[: a.shape[0]])
         return
-    d = features.shape[-1]
-    # The row of a column-major basis is strided, which slows the product's broadcast of it.
-    bias = basis[d].contiguous() if d < d_in else None
     for start in range(0, n, chunk):
         x = features[start : start + chunk].reshape(-1, d)
         m = x.shape[0] // t
