@@ -126,8 +126,9 @@ class Result:
     paired_cpu: list[float] = field(default_factory=list)
     memory: int | None = None
 
-    def median(self, clock: str, phase: str = "full") -> float | None:
-        values = {
+    def times(self, clock: str, phase: str = "full") -> list[float]:
+        """The seconds of every round of one phase ("full", "stats", "step", "paired")."""
+        return {
             ("wall", "full"): self.wall,
             ("cpu", "full"): self.cpu,
             ("wall", "stats"): self.stats_wall,
@@ -137,12 +138,14 @@ class Result:
             ("wall", "paired"): self.paired_wall,
             ("cpu", "paired"): self.paired_cpu,
         }[clock, phase]
+
+    def median(self, clock: str, phase: str = "full") -> float | None:
+        values = self.times(clock, phase)
         return statistics.median(values) if values else None
 
     def paired_step_ratio(self, clock: str) -> float | None:
         """Median over rounds of the training step over the forward+backward right after it."""
-        steps = self.step_wall if clock == "wall" else self.step_cpu
-        bases = self.paired_wall if clock == "wall" else self.paired_cpu
+        steps, bases = self.times(clock, "step"), self.times(clock, "paired")
         if not steps or len(steps) != len(bases):
             return None
         return statistics.median(step / base for step, base in zip(steps, bases))
@@ -491,8 +494,7 @@ def partner_factor(result: Result, partner: Result, clock: str) -> float | None:
     rounds do not pair up (a case measured by its warm-up alone)."""
     if result.status != "ok" or partner.status != "ok":
         return None
-    mine = result.wall if clock == "wall" else result.cpu
-    theirs = partner.wall if clock == "wall" else partner.cpu
+    mine, theirs = result.times(clock), partner.times(clock)
     if len(mine) > 1 and len(mine) == len(theirs):
         return statistics.median(a / b for a, b in zip(mine, theirs))
     return _ratio(result.median(clock), partner.median(clock))
