@@ -88,7 +88,7 @@ def supported_layers(
     return layers
 
 
-def _conv_padding(module: nn.Conv1d | nn.Conv2d, spatial: int) -> list[tuple[int, int]]:
+def conv_padding(module: nn.Conv1d | nn.Conv2d, spatial: int) -> list[tuple[int, int]]:
     """(left, right) zero padding per spatial axis, resolving 'same' and 'valid'."""
     if module.padding == "valid":
         return [(0, 0)] * spatial
@@ -154,7 +154,7 @@ def layer_inputs(module: nn.Module, x: Tensor, out: Tensor | None = None) -> Ten
                 f"{type(module).__name__} input of shape {tuple(x.shape)} is not batched "
                 f"([N, C, {'L' if spatial == 1 else 'H, W'}] expected)."
             )
-        pads = _conv_padding(module, spatial)
+        pads = conv_padding(module, spatial)
         flat_pad = [p for pair in reversed(pads) for p in pair]
         if any(flat_pad):
             x = F.pad(x, flat_pad)

@@ -63,7 +63,7 @@ def _cnn(classes: int) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=1),
         nn.Tanh(),
-        nn.Conv2d(3, 2, kernel_size=2, dilation=1, padding="same"),
+        nn.Conv2d(3, 2, kernel_size=3, padding="same"),  # input Gram from correlations
         nn.Flatten(),
         nn.Linear(2 * 3 * 3, classes),
     )

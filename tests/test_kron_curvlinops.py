@@ -43,11 +43,11 @@ def cnn_case(loss: str, reduction: str) -> tuple[nn.Module, nn.Module, Tensor, T
     factor is non-singular: a singular factor leaves EKFAC's basis, hence its diagonal, undefined
     inside the null space, and the two libraries may then pick different bases."""
     torch.manual_seed(6)
-    model = nn.Sequential(
-        nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Conv2d(3, 2, 2, dilation=2, padding=1), nn.Tanh(),
-        nn.Flatten(), nn.Linear(2 * 4 * 4, 3),
+    model = nn.Sequential(  # the first input factor from correlations, the second from rows
+        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2, dilation=2, padding=1),
+        nn.Tanh(), nn.Flatten(), nn.Linear(2 * 5 * 5, 3),
     ).double()
-    x = torch.randn(24, 2, 6, 6, dtype=torch.float64)
+    x = torch.randn(24, 2, 5, 5, dtype=torch.float64)
     with torch.no_grad():
         out = model(x)
     y = torch.randint(0, 3, (24,)) if loss == "cross_entropy" else torch.randn_like(out)

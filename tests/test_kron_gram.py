@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlib.capture import LayerCall, convolution_filters, layer_inputs, output_rows
+from curvlib.kron import correlation
 from curvlib.kron.collect import InputRows, LayerInputs, grad_rows
 from curvlib.kron.layout import LayerLayout
 from curvlib.kron.statistics import (
@@ -295,6 +296,64 @@ def test_convolved_chunks_are_the_rows_times_the_basis(layer: nn.Module, shape: 
     assert convolution_filters(layer, basis[: layout.d_in]).is_contiguous()
 
 
+CORRELATED_LAYERS = [  # stride 1, a kernel of several offsets, and images large enough
+    (nn.Conv2d(3, 4, kernel_size=3, padding=1), (3, 7, 6)),
+    (nn.Conv2d(2, 3, kernel_size=5, padding="same"), (2, 6, 7)),
+    (nn.Conv2d(2, 3, kernel_size=(2, 3), padding=(1, 2)), (2, 5, 6)),
+    (nn.Conv2d(2, 2, kernel_size=3, padding=(2, 1), dilation=(2, 1)), (2, 6, 5)),
+    (nn.Conv2d(2, 3, kernel_size=(1, 7), padding=(0, 3), bias=False), (2, 3, 8)),
+    (nn.Conv1d(2, 3, kernel_size=7, padding="same"), (2, 9)),
+]
+
+
+@pytest.mark.parametrize("layer,shape", CORRELATED_LAYERS,
+                         ids=[str(m) for m, _ in CORRELATED_LAYERS])
+@pytest.mark.parametrize("calls", [1, 2])
+@pytest.mark.parametrize("budget", [(1 << 21, 1 << 24), (40, 300)], ids=["whole", "chunked"])
+def test_correlation_gram_is_the_gram_of_the_rows(
+    layer: nn.Module, shape: tuple, calls: int, budget: tuple[int, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stride-1 convolution's input Gram from the cell correlations of its input equals the
+    Gram of its unfolded rows — with the homogeneous coordinate, over every call, and in bands
+    of rows and chunks of examples as small as one (float32 inputs read in float64)."""
+    monkeypatch.setattr(correlation, "BUFFER_ENTRIES", budget[0])
+    monkeypatch.setattr(correlation, "INPUT_ENTRIES", budget[1])
+    layer = layer.double()
+    params = [p for p in (layer.weight, layer.bias) if p is not None]
+    layout = LayerLayout("layer", layer, params)
+    xs = [torch.randn(5, *shape) for _ in range(calls)]
+    assert all(correlation.correlation_pays(layer, x) for x in xs)
+    recorded = [LayerCall(x, layer(x.double()), 0) for x in xs]
+    inputs = LayerInputs.recorded(layout, recorded, torch.float64)
+    rows = inputs.rows(0, 5).reshape(-1, layout.d_cols)
+    got = inputs.correlation_gram()
+    assert got is not None
+    assert_close(got, rows.T @ rows, rtol=1e-12, what="Σ ā āᵀ")
+
+
+PAYS = [  # (layer, input shape, whether the correlations apply and do less work)
+    (nn.Conv2d(2, 3, kernel_size=3, padding=1), (2, 8, 8), True),
+    (nn.Conv2d(2, 3, kernel_size=3, padding=1, stride=2), (2, 8, 8), False),  # strided
+    (nn.Conv2d(2, 3, kernel_size=1), (2, 8, 8), False),  # one offset: the rows are the input
+    (nn.Conv2d(2, 3, kernel_size=3), (2, 5, 5), False),  # 9 outputs for 25 inputs
+    (nn.Conv1d(2, 3, kernel_size=3, padding=1), (2, 9), False),  # 3 shifts against 9 / 2
+    (nn.Conv1d(2, 3, kernel_size=7, padding=3), (2, 9), True),
+    (nn.Linear(4, 3), (5, 4), False),
+]
+
+
+@pytest.mark.parametrize("layer,shape,pays", PAYS, ids=[str(m) for m, _, _ in PAYS])
+def test_correlations_only_where_they_pay(layer: nn.Module, shape: tuple, pays: bool) -> None:
+    """The correlations serve stride-1 convolutions whose shifts over the input's positions
+    cost well under the unfolded rows' lower triangle; every other layer forms its rows."""
+    x = torch.randn(3, *shape)
+    assert correlation.correlation_pays(layer, x) is pays
+    layout = LayerLayout("layer", layer, [layer.weight, layer.bias])
+    inputs = LayerInputs.recorded(layout, [LayerCall(x, layer(x), 0)], torch.float32)
+    assert (inputs.correlation_gram() is not None) is pays
+
+
 def test_convolved_chunks_only_for_one_convolution_call() -> None:
     """Rows that are not one call of a convolution's input are formed instead: a linear layer's,
     two calls' (weight tying) and a bias-only layer's."""
@@ -339,7 +398,7 @@ def test_reduce_rows_are_formed_once_per_step(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_layer_inputs_refuse_an_input_changed_in_place() -> None:
-    layer = nn.Conv2d(2, 3, kernel_size=3)
+    layer = nn.Conv2d(2, 3, kernel_size=3, padding=1)
     x = torch.randn(4, 2, 5, 5)
     inputs = LayerInputs.recorded(LayerLayout("conv", layer, [layer.weight, layer.bias]),
                                   [LayerCall(x, layer(x), 0)], torch.float32)
@@ -348,6 +407,8 @@ def test_layer_inputs_refuse_an_input_changed_in_place() -> None:
         inputs.rows(0, 4)
     with pytest.raises(ValueError, match="input of module 'conv' was modified in place"):
         inputs.squared_norms()
+    with pytest.raises(ValueError, match="input of module 'conv' was modified in place"):
+        inputs.correlation_gram()
 
 
 def _input_rows(kind: str, gen: torch.Generator) -> InputRows:

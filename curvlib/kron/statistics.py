@@ -165,6 +165,13 @@ def input_gram(rows: InputRows, weights: Tensor | None = None, mirror: bool = Tr
     if rows.reduce:  # the kept means: N rows, not to be scaled in place
         return gram(rows.means(), weights, mirror=mirror, out=out, accumulate=accumulate,
                     alpha=alpha)
+    correlated = None if weights is not None else rows.inputs.correlation_gram()
+    if correlated is not None:  # both triangles: lower storage and mirrored alike
+        if out is None:
+            return correlated.mul_(alpha)
+        if accumulate:
+            return out.add_(correlated, alpha=alpha)
+        return torch.mul(correlated, alpha, out=out)
     first = True
     for start, chunk in rows.chunks():
         if roots is not None:
