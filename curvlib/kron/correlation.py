@@ -1,7 +1,7 @@
 """A stride-1 convolution's input Gram from shifted cross-correlations of its input.
 
 K-FAC's input factor of a convolution (expand, kfac_family.md §2.3) sums the outer products of
-its unfolded receptive fields: with x̃ the zero-padded input, a output position p and kernel
+its unfolded receptive fields: with x̃ the zero-padded input, an output position p and kernel
 offsets a, b (dilation included),
 
     Σ_{n,p} ā_{n,p} ā_{n,p}ᵀ,   block (a, b) = Σ_n Σ_{p ∈ O} x̃_n[p + a] x̃_n[p + b]ᵀ   (C × C).
