@@ -153,7 +153,9 @@ def input_gram(rows: InputRows, weights: Tensor | None = None, mirror: bool = Tr
     :func:`gram`'s scaled copies. Rows that are a linear layer's recorded input
     (:meth:`InputRows.features`) are not formed: their Gram is that of the input (scaled in one
     pass where weighted), with the homogeneous coordinate's row added from sums. Reduce rows are
-    the kept :meth:`InputRows.means`, read by :func:`gram` as they are.
+    the kept :meth:`InputRows.means`, read by :func:`gram` as they are. Unweighted expand rows of
+    a stride-1 convolution are not formed either where their Gram comes cheaper from shifted
+    correlations of the input (:meth:`LayerInputs.correlation_gram`).
     """
     if accumulate and out is None:
         raise ValueError("input_gram: accumulate=True needs the result to add to in out.")
