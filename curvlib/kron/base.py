@@ -69,6 +69,7 @@ from curvlib.kron.collect import (
     StepData,
     Type2Columns,
     backprop_vectors,
+    input_rows,
     step_data,
 )
 from curvlib.kron.eigen import decomposed_from_rows, eigenbasis_squares, eigh_psd, pad_columns
@@ -259,6 +260,9 @@ class KroneckerEstimate(CurvatureEstimate):
             layer: self._new_statistics(self._weights) for layer in self.layouts
         }
         self._bases: dict[str, Eigenbasis] = {}
+        # The layers whose input rows were the same in the last statistics step (input_rows), in
+        # model order: refresh() decomposes their equal input factors once.
+        self._input_groups: list[list[str]] = [[layer] for layer in self.layouts]
         # Rows folded into each layer's (input, output) factor: bounds on their ranks, which let
         # refresh() decompose a factor from its range alone (curvlib.kron.eigen).
         self._rank_bounds: dict[str, tuple[int, int]] | None = {layer: (0, 0) for layer in
@@ -417,17 +421,27 @@ class KroneckerEstimate(CurvatureEstimate):
         if self.refits_diagonal and self._last is not None:
             for kept in self._last.inputs.values():  # the refit reads them: fail before changing
                 kept.check_unmodified()
-        for layer, stats in self._stats.items():
-            fac_in, fac_out, divisor = stats.factors()
-            names = self._factor_names()
-            bounds = self._rank_bounds or {}
-            rank_in, rank_out = bounds.get(layer, (None, None))
-            rows = self._factor_rows(layer)
-            values_in, basis_in = eigh_psd(fac_in, f"factor {names[0]} of module {layer!r}",
-                                           rank_in, rows.input)
-            values_out, basis_out = eigh_psd(fac_out, f"factor {names[1]} of module {layer!r}",
-                                             rank_out, rows.output)
-            self._bases[layer] = Eigenbasis(basis_in, values_in, basis_out, values_out, divisor)
+        names = self._factor_names()
+        bounds = self._rank_bounds or {}
+        bases: dict[str, Eigenbasis] = {}
+        for group in self._input_groups:
+            # The group's first input factor and its decomposition, for the layers whose input
+            # factor is equal to it (bit for bit: the same rows' Gram, input_gram) to share.
+            first: tuple[Tensor, int | None, tuple[Tensor, Tensor]] | None = None
+            for layer in group:
+                fac_in, fac_out, divisor = self._stats[layer].factors()
+                rank_in, rank_out = bounds.get(layer, (None, None))
+                rows = self._factor_rows(layer)
+                if first is not None and first[1] == rank_in and torch.equal(first[0], fac_in):
+                    values_in, basis_in = first[2]
+                else:
+                    values_in, basis_in = eigh_psd(
+                        fac_in, f"factor {names[0]} of module {layer!r}", rank_in, rows.input)
+                    first = first or (fac_in, rank_in, (values_in, basis_in))
+                values_out, basis_out = eigh_psd(
+                    fac_out, f"factor {names[1]} of module {layer!r}", rank_out, rows.output)
+                bases[layer] = Eigenbasis(basis_in, values_in, basis_out, values_out, divisor)
+        self._bases = {layer: bases[layer] for layer in self._stats}
         self._refreshed_version = self._version
         if self.refits_diagonal:
             self._diagonals = {layer: self._weights.running() for layer in self.layouts}
@@ -515,7 +529,11 @@ class KroneckerEstimate(CurvatureEstimate):
         # untouched: those written in place from bounds checked first, the others through the
         # traces of their numerators (and the sums of their squares), which are added last.
         reduce = self.weight_sharing == "reduce"
-        inputs = {layer: InputRows(x, reduce) for layer, x in step.inputs.items()}
+        inputs = input_rows(step.inputs, reduce)
+        groups: dict[int, list[str]] = {}
+        for layer, rows in inputs.items():
+            groups.setdefault(id(rows), []).append(layer)
+        self._input_groups = list(groups.values())
         in_place = self._in_place_layers(step)
         others = {layer: stats for layer, stats in self._stats.items() if layer not in in_place}
         for layer, stats in others.items():

@@ -32,7 +32,7 @@ vanish in expectation.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from curvlib.capture import (
     LayerCall,
+    conv_padding,
     convolution_filters,
     convolved_rows,
     empty_grad_rows,
@@ -173,6 +174,26 @@ class LayerInputs:
                 "forward pass that recorded it; its statistics cannot be formed from it."
             )
 
+    def rows_key(self) -> Hashable:
+        """A key that the inputs of two layers in one step share exactly when their rows are
+        the same: the same recorded tensors (memory, shape, strides, dtype, version at recording)
+        at the same positions, read into the statistics' dtype by layers that form rows alike
+        (weight and bias coordinates; a convolution's geometry).
+
+        Attention's query, key and value projections read one input, as do the gate and up
+        projections of a gated MLP or the branches of an Inception block.
+        """
+        layout, module = self.layout, self.layout.module
+        geometry: Hashable = "linear"
+        if not isinstance(module, nn.Linear):
+            spatial = len(module.kernel_size)
+            geometry = (spatial, module.kernel_size, module.stride, module.dilation,
+                        tuple(conv_padding(module, spatial)))
+        tensors = tuple((x.data_ptr(), x.device, x.dtype, tuple(x.shape), x.stride(), version)
+                        for x, version in zip(self.inputs, self._versions))
+        return (geometry, layout.has_weight, layout.has_bias, self.dtype, tuple(self.positions),
+                tensors)
+
     def empty(self, examples: int) -> Tensor:
         """An uninitialised [examples, T, d_in'] buffer in the layout :meth:`rows` fills fastest
         (:func:`~curvlib.capture.empty_rows`)."""
@@ -292,10 +313,17 @@ class LayerInputs:
 class InputRows:
     """The rows ā_m [M, d_in'] a layer's statistics read, under a weight-sharing flavour
     (kfac_family.md §2.3): every (example, position) is a row (expand, M = N·T), formed a chunk
-    at a time, or each example's mean over its positions is (reduce, M = N), formed once."""
+    at a time, or each example's mean over its positions is (reduce, M = N), formed once.
+
+    One object serves every layer whose rows are the same (:func:`input_rows`); ``readers``
+    counts them, and ``gram`` keeps Σ_m ā_m ā_mᵀ (its lower triangle at least) once one of them
+    has formed it for the others (:func:`~curvlib.kron.statistics.input_gram`).
+    """
 
     inputs: LayerInputs
     reduce: bool
+    readers: int = 1
+    gram: Tensor | None = field(default=None, init=False, repr=False)
     _means: Tensor | None = field(default=None, init=False, repr=False)
 
     @property
@@ -350,6 +378,29 @@ class InputRows:
         if not self.reduce:
             return self.inputs.squared_norms().reshape(-1)
         return sum_of_squares(self.means(), -1).view(-1)
+
+
+def input_rows(inputs: Mapping[str, LayerInputs], reduce: bool) -> dict[str, InputRows]:
+    """Every layer's :class:`InputRows` of one step, one object for the layers whose rows are
+    the same (:meth:`LayerInputs.rows_key`), so that what the statistics form from them — the
+    unweighted Gram, the reduce means — is formed once.
+
+    The refresh then decomposes their equal input factors once. On W3, whose query, key and
+    value projections read one input (CPU, 1 thread, 25 interleaved rounds), the statistics and
+    refresh of K-FAC take 69.0 ms instead of 74.1 (empirical) and 58.5 instead of 62.8 (mc),
+    EKFAC's (empirical) 89.4 instead of 93.1.
+    """
+    shared: dict[Hashable, InputRows] = {}
+    out = {}
+    for layer, x in inputs.items():
+        key = x.rows_key()
+        rows = shared.get(key)
+        if rows is None:
+            rows = shared[key] = InputRows(x, reduce)
+        else:
+            rows.readers += 1
+        out[layer] = rows
+    return out
 
 
 def grad_rows(layout: LayerLayout, grads: list[Tensor], dtype: torch.dtype) -> Tensor:

@@ -156,9 +156,38 @@ def input_gram(rows: InputRows, weights: Tensor | None = None, mirror: bool = Tr
     the kept :meth:`InputRows.means`, read by :func:`gram` as they are. Unweighted expand rows of
     a stride-1 convolution are not formed either where their Gram comes cheaper from shifted
     correlations of the input (:meth:`LayerInputs.correlation_gram`).
+
+    Rows read by several layers (:attr:`InputRows.readers`) have their unweighted Gram formed
+    once, kept in :attr:`InputRows.gram`, and scaled into each reader's result: every reader
+    gets the same bits, so that equal factors are decomposed once at the refresh.
     """
     if accumulate and out is None:
         raise ValueError("input_gram: accumulate=True needs the result to add to in out.")
+    if weights is None and rows.readers > 1:
+        if rows.gram is None:
+            rows.gram = _input_gram(rows, None, mirror=False, out=None, accumulate=False,
+                                    alpha=1.0)
+        return _scaled(rows.gram, mirror, out, accumulate, alpha, owned=False)
+    return _input_gram(rows, weights, mirror, out, accumulate, alpha)
+
+
+def _scaled(matrix: Tensor, mirror: bool, out: Tensor | None, accumulate: bool, alpha: float,
+            owned: bool) -> Tensor:
+    """α ``matrix`` (a Gram in lower storage at least) as :func:`gram` returns its products:
+    written into ``out``, added to it, or (no ``out``) in ``matrix`` itself where ``owned``, else
+    in a new tensor."""
+    if out is None:
+        out = matrix.mul_(alpha) if owned else matrix * alpha
+    elif accumulate:
+        out.add_(matrix, alpha=alpha)
+    else:
+        torch.mul(matrix, alpha, out=out)
+    return mirror_lower(out) if mirror else out
+
+
+def _input_gram(rows: InputRows, weights: Tensor | None, mirror: bool, out: Tensor | None,
+                accumulate: bool, alpha: float) -> Tensor:
+    """:func:`input_gram` of rows formed for this reader alone."""
     roots = None if weights is None else weights.sqrt()
     features = rows.features()
     if features is not None:
@@ -169,11 +198,7 @@ def input_gram(rows: InputRows, weights: Tensor | None = None, mirror: bool = Tr
                     alpha=alpha)
     correlated = None if weights is not None else rows.inputs.correlation_gram()
     if correlated is not None:  # both triangles: lower storage and mirrored alike
-        if out is None:
-            return correlated.mul_(alpha)
-        if accumulate:
-            return out.add_(correlated, alpha=alpha)
-        return torch.mul(correlated, alpha, out=out)
+        return _scaled(correlated, False, out, accumulate, alpha, owned=True)
     first = True
     for start, chunk in rows.chunks():
         if roots is not None:
