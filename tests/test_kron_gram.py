@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlib.capture import LayerCall, convolution_filters, layer_inputs, output_rows
-from curvlib.kron import correlation
+from curvlib.kron import correlation, syrk
 from curvlib.kron.collect import InputRows, LayerInputs, grad_rows
 from curvlib.kron.layout import LayerLayout
 from curvlib.kron.statistics import (
@@ -33,13 +33,20 @@ from curvlib.kron.statistics import (
 from curvlib.testing import assert_close
 
 
+@pytest.mark.parametrize("route", ["panels", "syrk"])
 @pytest.mark.parametrize("feature_major", [False, True], ids=["row-major", "feature-major"])
 @pytest.mark.parametrize("width,chunk", [(128, 1 << 20), (4, 1 << 20), (3, 7), (5, 1)])
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
 @pytest.mark.parametrize("d", [11, 70])
 def test_gram_equals_the_full_product(
-    feature_major: bool, width: int, chunk: int, weighted: bool, d: int
+    feature_major: bool, width: int, chunk: int, weighted: bool, d: int, route: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Either route of the unweighted products: panels, or BLAS syrk (forced here down to these
+    sizes), which leaves the whole strict upper triangle alone in lower storage."""
+    if route == "syrk":
+        monkeypatch.setattr(syrk, "MIN_COLUMNS", 1)
+        monkeypatch.setattr(syrk, "MIN_WORK", 0)
     gen = torch.Generator().manual_seed(width + chunk + d)
     m = 23
     rows = torch.randn(d, m, dtype=torch.float64, generator=gen).T if feature_major else (
@@ -52,15 +59,18 @@ def test_gram_equals_the_full_product(
     assert_close(norms, rows.square().sum(-1), rtol=1e-12, what="‖r‖² written with the gram")
     lower = gram(rows, weights, width=width, chunk=chunk, mirror=False)
     assert_close(lower.tril(), expected.tril(), rtol=1e-12, what="lower storage")
-    upper = torch.zeros(d, d, dtype=torch.bool)  # above every diagonal block
-    for lo, hi in pairwise(gram_bounds(d, width)):
-        upper[lo:hi, hi:] = True
+    upper = torch.zeros(d, d, dtype=torch.bool)  # what lower storage leaves alone
+    if route == "syrk" and weights is None:
+        upper = torch.ones(d, d, dtype=torch.bool).triu(1)
+    else:  # above every diagonal block
+        for lo, hi in pairwise(gram_bounds(d, width)):
+            upper[lo:hi, hi:] = True
     for mirror, result in ((True, got), (False, lower)):  # written over whatever out held
         out = torch.full((d, d), float("nan"), dtype=torch.float64)
         assert gram(rows, weights, width=width, chunk=chunk, mirror=mirror, out=out) is out
         if mirror or weights is not None:
             assert torch.equal(out, result)
-        else:  # lower storage written over a previous one: the blocks above are left alone
+        else:  # lower storage written over a previous one: what lies above is left alone
             assert torch.equal(out[~upper], result[~upper])
             assert out[upper].isnan().all()
             out[upper] = 0.0
@@ -478,3 +488,46 @@ def test_running_sum_accumulator_equals_add(ema_decay: float | None, total: bool
             numerator.add_(batch, alpha=alpha)
     assert in_place.count == pytest.approx(added.count, rel=1e-15)
     assert_close(in_place.value(), added.value(), rtol=1e-13, what="read")
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("feature_major", [False, True], ids=["row-major", "feature-major"])
+def test_lower_gram_writes_the_lower_triangle(feature_major: bool, dtype: torch.dtype,
+                                              accumulate: bool) -> None:
+    """BLAS syrk: α RᵀR (+ what out held) on and below the diagonal, the rest left alone, with
+    PyTorch's thread count for the BLAS during the call and the BLAS's own restored after."""
+    from threadpoolctl import threadpool_info
+
+    gen = torch.Generator().manual_seed(int(feature_major) + 2 * int(accumulate))
+    m, d = 600, 130
+    rows = (torch.randn(d, m, dtype=dtype, generator=gen).T if feature_major
+            else torch.randn(m, d, dtype=dtype, generator=gen))
+    assert syrk.syrk_pays(rows)
+    held = torch.randn(d, d, dtype=dtype, generator=gen)
+    out = held.clone()
+    before = threadpool_info()
+    assert syrk.lower_gram(rows, out, accumulate=accumulate, alpha=0.5) is out
+    assert threadpool_info() == before
+    expected = 0.5 * rows.double().T @ rows.double() + (held.double() if accumulate else 0.0)
+    lower = torch.ones(d, d, dtype=torch.bool).tril()
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12  # sums of 600 products
+    assert_close(out[lower].double(), expected[lower], rtol=rtol, what="lower triangle")
+    assert torch.equal(out[~lower], held[~lower])
+    with pytest.raises(ValueError, match="out must be a contiguous 130 × 130"):
+        syrk.lower_gram(rows, torch.zeros(d + 1, d + 1, dtype=dtype)[:d, :d])
+
+
+@pytest.mark.parametrize("rows,pays", [
+    (torch.zeros(600, 128), True),
+    (torch.zeros(128, 600).T, True),  # feature-major
+    (torch.zeros(600, 128, dtype=torch.float64), True),
+    (torch.zeros(600, 127), False),  # too few columns: the panels are faster
+    (torch.zeros(500, 128), False),  # too little work for the call
+    (torch.zeros(600, 256)[:, :128], False),  # neither layout contiguous
+    (torch.zeros(600, 128, dtype=torch.float16), False),
+    (torch.zeros(600, 128, requires_grad=True), False),
+], ids=["row-major", "feature-major", "float64", "narrow", "small", "strided", "float16",
+        "requires-grad"])
+def test_syrk_only_where_it_pays(rows: Tensor, pays: bool) -> None:
+    assert syrk.syrk_pays(rows) is pays
